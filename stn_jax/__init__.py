@@ -1,0 +1,24 @@
+"""stn_jax: Spatial Transformer Networks in JAX and Flax.
+
+Bottom layer, pure functions: :mod:`stn_jax.grids` (grid generators),
+:mod:`stn_jax.sampling` (differentiable samplers), :mod:`stn_jax.transforms`
+(parameterisations and matrix helpers), and :func:`warp` (grid plus sampling).
+Images are channels-last ``[B, H, W, C]``; grids are ``[B, Ho, Wo, 2]`` of
+normalised ``(x, y)``, as PyTorch's ``affine_grid``/``grid_sample``.
+"""
+
+from stn_jax import grids
+from stn_jax import sampling
+from stn_jax import transforms
+from stn_jax.grids import affine_grid, control_grid, identity_grid, projective_grid, tps_grid
+from stn_jax.sampling import sample
+from stn_jax.transforms import identity_params, params_to_transform
+from stn_jax.warping import transform_grid, warp
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "affine_grid", "control_grid", "grids", "identity_grid", "identity_params",
+    "params_to_transform", "projective_grid", "sample", "sampling", "tps_grid",
+    "transform_grid", "transforms", "warp",
+]
