@@ -24,7 +24,8 @@ Padding modes (how points outside the image read):
 
 Grid points whose coordinates are not finite (NaN, +-inf) count as outside the
 image in every padding mode: the output there is 0 and no NaN reaches the
-output or any gradient.
+output or any gradient. Finite coordinates beyond ``COORD_LIMIT`` are clamped
+to it (their gradient is zero).
 
 Gradients flow to ``images`` and to ``grid`` (except through ``'nearest'``),
 under ``jit``, ``vmap`` and ``grad``. Images may be float32, bfloat16, float16
@@ -45,6 +46,10 @@ from stn_jax import grids
 METHODS = ("bilinear", "nearest", "bicubic")
 PADDING_MODES = ("zeros", "border", "reflection")
 CUBIC_A = -0.75  # Keys' parameter, as in PyTorch and OpenCV.
+# Normalised coordinates are clamped to +-COORD_LIMIT before conversion to
+# pixels, so that huge finite values cannot overflow float32. (Beyond it a
+# float32 coordinate has no sub-pixel meaning anyway.)
+COORD_LIMIT = 1e8
 
 
 class _Taps(NamedTuple):
@@ -176,6 +181,7 @@ def sample(images: jax.Array, grid: jax.Array, *, method: str = "bilinear",
   grid = grid.astype(compute_dtype)
   finite = jnp.isfinite(grid).all(axis=-1)
   grid = jnp.where(finite[..., None], grid, 0.0)   # No NaN in any branch.
+  grid = jnp.clip(grid, -COORD_LIMIT, COORD_LIMIT)
 
   taps = _TAPS[method]
   x_taps = taps(grids.to_pixel(grid[..., 0], w, align_corners), w, padding_mode, align_corners)
@@ -189,5 +195,6 @@ def sample(images: jax.Array, grid: jax.Array, *, method: str = "bilinear",
   flat = images.reshape(b, h * w, c)
   values = jax.vmap(lambda im, idx: im[idx])(flat, index.reshape(b, -1))
   values = values.reshape(b, ho, wo, -1, c).astype(compute_dtype)
-  out = (values * weight[..., None]).sum(axis=-2)
+  # An explicit sum over the taps fuses into one elementwise loop on CPU.
+  out = sum(values[..., t, :] * weight[..., t, None] for t in range(weight.shape[-1]))
   return out.astype(images.dtype)

@@ -33,7 +33,8 @@ def transform_grid(theta: jax.Array, out_hw: Sequence[int], *, transform: str = 
     align_corners: see :mod:`stn_jax.grids`.
   """
   fam = transforms.family(transform)
-  if np.ndim(theta) == 3 and transform == fam:
+  matrix_trailing = {"affine": (2, 3), "projective": (3, 3), "tps": np.shape(theta)[1:]}[fam]
+  if np.ndim(theta) == 3 and transform == fam and np.shape(theta)[1:] == matrix_trailing:
     matrix = theta
   elif np.ndim(theta) == 2:
     matrix = transforms.params_to_transform(transform, theta, control_shape=control_shape)
