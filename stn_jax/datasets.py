@@ -1,0 +1,151 @@
+"""Data loading through TensorFlow Datasets, offline included, and batch streams.
+
+Whole splits of MNIST fit in memory as uint8 arrays, read with
+``tfds.data_source`` (array_record, random access, no TensorFlow needed).
+The data directory is ``data_dir`` if given, else ``$TFDS_DATA_DIR``, else
+TFDS's default (``~/tensorflow_datasets``). Offline, point it at a prepared
+copy (on the project's machines ``TFDS_DATA_DIR=../shared/data/tfds``).
+Online, with ``download=True``, TFDS downloads and prepares the data itself,
+which needs TensorFlow (``pip install 'stn-jax[download]'``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator, Optional
+
+import jax
+import numpy as np
+
+from stn_jax import distortions
+
+
+_HOW_TO_GET_DATA = (
+    "Online: install TensorFlow (pip install 'stn-jax[download]') and pass download=True "
+    "(--download); TFDS then downloads and prepares it. Offline: set TFDS_DATA_DIR (or "
+    "--data_dir) to a directory holding a prepared copy, e.g. TFDS_DATA_DIR=../shared/data/tfds.")
+
+
+class DataNotFoundError(FileNotFoundError):
+  """A data set is neither prepared in the data directory nor downloadable."""
+
+
+def resolve_data_dir(data_dir: Optional[str] = None) -> str:
+  if data_dir:
+    return os.path.expanduser(data_dir)
+  if os.environ.get("TFDS_DATA_DIR"):
+    return os.path.expanduser(os.environ["TFDS_DATA_DIR"])
+  return os.path.expanduser(os.path.join("~", "tensorflow_datasets"))
+
+
+def _data_source(name: str, split: str, data_dir: Optional[str], download: bool):
+  import tensorflow_datasets as tfds
+  directory = resolve_data_dir(data_dir)
+  try:
+    return tfds.data_source(name, split=split, data_dir=directory, download=download)
+  except Exception as error:  # TFDS raises several types for missing data.
+    searched = os.path.join(directory, name)
+    if os.path.isdir(searched):
+      problem = (f"is in {searched!r} but could not be read "
+                 f"({type(error).__name__}: {str(error)[:300]})")
+    else:
+      problem = f"is not prepared in {directory!r} (searched {searched!r})"
+    raise DataNotFoundError(f"TFDS data set {name!r} {problem}. " + _HOW_TO_GET_DATA) from None
+
+
+def load_arrays(name: str, split: str, *, data_dir: Optional[str] = None,
+                download: bool = False, keys=("image", "label")) -> dict[str, np.ndarray]:
+  """Reads a whole TFDS split into memory as NumPy arrays (one per key)."""
+  source = _data_source(name, split, data_dir, download)
+  try:
+    records = source.__getitems__(list(range(len(source))))
+  except TypeError:  # Some sources (e.g. tfds.testing.mock_data) read one at a time only.
+    records = [source[i] for i in range(len(source))]
+  return {k: np.stack([np.asarray(r[k]) for r in records]) for k in keys}
+
+
+def load_mnist(split: str, *, data_dir: Optional[str] = None,
+               download: bool = False) -> tuple[np.ndarray, np.ndarray]:
+  """MNIST ``(images uint8 [N, 28, 28, 1], labels int32 [N])`` for ``'train'`` or ``'test'``."""
+  arrays = load_arrays("mnist", split, data_dir=data_dir, download=download)
+  return arrays["image"].astype(np.uint8), arrays["label"].astype(np.int32)
+
+
+def shard_of_batch(global_batch: int, process_index: Optional[int] = None,
+                   process_count: Optional[int] = None) -> slice:
+  """The slice of each global batch that this process reads (multi-host data parallelism)."""
+  index = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
+  if global_batch % count:
+    raise ValueError(f"global batch {global_batch} must divide by the process count {count}.")
+  per = global_batch // count
+  return slice(index * per, (index + 1) * per)
+
+
+def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+  """The shuffled example order of ``epoch``, the same on every process."""
+  return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
+def distorted_batches(images: np.ndarray, labels: np.ndarray, *, variant: str,
+                      global_batch: int, seed: int, start_step: int = 0,
+                      process_index: Optional[int] = None,
+                      process_count: Optional[int] = None) -> Iterator[tuple[jax.Array, np.ndarray]]:
+  """Endless training stream of this process's shard of each distorted global batch.
+
+  Step ``s`` reads the examples of position ``s`` in the epoch orders of
+  :func:`epoch_order` and distorts them with key ``fold_in(key(seed), s)``: the
+  data are distorted afresh each epoch, and the stream is a pure function of
+  ``(seed, step)``, so a run resumed at ``start_step`` sees what an
+  uninterrupted one would.
+  """
+  shard = shard_of_batch(global_batch, process_index, process_count)
+  steps_per_epoch = len(images) // global_batch
+  base = jax.random.key(seed)
+  step = start_step
+  while True:
+    epoch, within = divmod(step, steps_per_epoch)
+    order = epoch_order(len(images), seed, epoch)
+    idx = order[within * global_batch:(within + 1) * global_batch][shard]
+    key = jax.random.fold_in(jax.random.fold_in(base, step), shard.start)
+    yield distortions.distort(key, images[idx], variant), labels[idx]
+    step += 1
+
+
+def distorted_test_set(images: np.ndarray, *, variant: str, seed: int = 0,
+                       chunk: int = 1000) -> np.ndarray:
+  """The test set distorted once with a fixed seed (float32), so every model sees the same images."""
+  base = jax.random.key(seed)
+  out = [np.asarray(distortions.distort(jax.random.fold_in(base, i), images[s:s + chunk], variant))
+         for i, s in enumerate(range(0, len(images), chunk))]
+  return np.concatenate(out)
+
+
+def load_svhn_cropped(split: str, *, data_dir: Optional[str] = None, download: bool = False):
+  """SVHN through TFDS ``svhn_cropped``: ``(images uint8 [N, 32, 32, 3], labels [N])``.
+
+  TFDS holds only the single-digit 32x32 crops, not the multi-digit sequences
+  of the paper's Table 2 (64x64 crops around whole house numbers), so this
+  cannot reproduce Table 2; :func:`stn_jax.distortions.digit_sequences` gives
+  a multi-digit task of the same shape from MNIST.
+  """
+  arrays = load_arrays("svhn_cropped", split, data_dir=data_dir, download=download)
+  return arrays["image"].astype(np.uint8), arrays["label"].astype(np.int32)
+
+
+def load_cub(split: str, *, data_dir: Optional[str] = None, download: bool = False,
+             size: int = 448) -> tuple[np.ndarray, np.ndarray]:
+  """CUB-200-2011 through TFDS ``caltech_birds2011``, resized to ``size x size`` (the paper's 448).
+
+  Returns ``(images uint8 [N, size, size, 3], labels [N])``. Training-time
+  augmentation (random crops and flips) belongs to the training pipeline.
+  """
+  from PIL import Image
+  source = _data_source("caltech_birds2011", split, data_dir, download)
+  images, labels = [], []
+  for i in range(len(source)):
+    record = source[i]
+    img = Image.fromarray(np.asarray(record["image"]).astype(np.uint8))
+    images.append(np.asarray(img.resize((size, size), Image.BILINEAR)))
+    labels.append(int(record["label"]))
+  return np.stack(images), np.asarray(labels, np.int32)
