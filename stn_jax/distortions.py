@@ -46,13 +46,6 @@ OUTPUT_HW = {"R": (28, 28), "RTS": (42, 42), "P": (28, 28), "E": (28, 28),
 DIGIT_HW = (28, 28)
 
 
-def _pixel_affine_to_theta(pixel_matrix, in_hw, out_hw):
-  """``[B, 3, 3]`` output-pixel -> input-pixel maps to normalised ``[B, 2, 3]`` thetas."""
-  n_in = transforms.normalization_matrix(in_hw)
-  n_out_inv = transforms.invert(transforms.normalization_matrix(out_hw))
-  return transforms.compose(transforms.compose(n_in, pixel_matrix), n_out_inv)
-
-
 def _similarity_pixels(angle, scale, shift, in_hw, out_hw):
   """Output->input pixel maps of "rotate by angle, scale, centre on the canvas, shift".
 
@@ -70,7 +63,7 @@ def _similarity_pixels(angle, scale, shift, in_hw, out_hw):
 
 
 def _warp_affine(digits, pixel_matrix, out_hw):
-  theta = _pixel_affine_to_theta(pixel_matrix, digits.shape[1:3], out_hw)[:, :2]
+  theta = transforms.pixel_transform_to_normalized(pixel_matrix, digits.shape[1:3], out_hw)[:, :2]
   grid = grids.affine_grid(theta, out_hw)
   return sampling.sample(digits, grid)
 

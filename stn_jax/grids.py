@@ -89,19 +89,27 @@ def affine_grid(theta: jax.Array, out_hw: Sequence[int], *,
   Returns:
     ``[B, Ho, Wo, 2]`` grid, differentiable with respect to ``theta``.
   """
-  v.check_rank("theta", theta, 3, "[B, 2, 3]")
-  if jnp.shape(theta)[1:] != (2, 3):
-    raise ValueError(f"theta must have shape [B, 2, 3]; got {v.shape_str(jnp.shape(theta))}.")
-  theta = jnp.asarray(theta)
-  dtype = _float_dtype(theta)
+  gx, gy = _apply_rows("theta", theta, (2, 3), out_hw, align_corners)
+  return jnp.stack([gx, gy], axis=-1)
+
+
+def _apply_rows(name: str, matrix, shape: tuple[int, int], out_hw, align_corners):
+  """Each row of ``matrix [B, *shape]`` applied to the output pixels' ``(x, y, 1)``.
+
+  Returns one ``[B, Ho, Wo]`` array per row. Written out rather than as a
+  matmul: exact in every precision mode, and a few fused multiply-adds per
+  output pixel.
+  """
+  expected = f"[B, {shape[0]}, {shape[1]}]"
+  v.check_rank(name, matrix, 3, expected)
+  if jnp.shape(matrix)[1:] != shape:
+    raise ValueError(f"{name} must have shape {expected}; got {v.shape_str(jnp.shape(matrix))}.")
+  matrix = jnp.asarray(matrix)
+  dtype = _float_dtype(matrix)
   base = identity_grid(out_hw, align_corners=align_corners, dtype=dtype)
   x, y = base[None, ..., 0], base[None, ..., 1]
-  t = theta.astype(dtype)[:, None, None]  # [B, 1, 1, 2, 3]
-  # Written out rather than as a matmul: exact in every precision mode and
-  # cheap (the grid is two fused multiply-adds per output pixel).
-  gx = t[..., 0, 0] * x + t[..., 0, 1] * y + t[..., 0, 2]
-  gy = t[..., 1, 0] * x + t[..., 1, 1] * y + t[..., 1, 2]
-  return jnp.stack([gx, gy], axis=-1)
+  m = matrix.astype(dtype)[:, None, None]  # [B, 1, 1, rows, 3]
+  return [m[..., r, 0] * x + m[..., r, 1] * y + m[..., r, 2] for r in range(shape[0])]
 
 
 def projective_grid(homography: jax.Array, out_hw: Sequence[int], *,
@@ -121,18 +129,7 @@ def projective_grid(homography: jax.Array, out_hw: Sequence[int], *,
   Returns:
     ``[B, Ho, Wo, 2]`` grid, differentiable with respect to ``homography``.
   """
-  v.check_rank("homography", homography, 3, "[B, 3, 3]")
-  if jnp.shape(homography)[1:] != (3, 3):
-    raise ValueError(
-        f"homography must have shape [B, 3, 3]; got {v.shape_str(jnp.shape(homography))}.")
-  homography = jnp.asarray(homography)
-  dtype = _float_dtype(homography)
-  base = identity_grid(out_hw, align_corners=align_corners, dtype=dtype)
-  x, y = base[None, ..., 0], base[None, ..., 1]
-  h = homography.astype(dtype)[:, None, None]
-  u = h[..., 0, 0] * x + h[..., 0, 1] * y + h[..., 0, 2]
-  vv = h[..., 1, 0] * x + h[..., 1, 1] * y + h[..., 1, 2]
-  w = h[..., 2, 0] * x + h[..., 2, 1] * y + h[..., 2, 2]
+  u, vv, w = _apply_rows("homography", homography, (3, 3), out_hw, align_corners)
   valid = jnp.abs(w) > PROJECTIVE_EPS
   w_safe = jnp.where(valid, w, 1.0)  # Double where: no NaN in the gradient.
   grid = jnp.stack([u / w_safe, vv / w_safe], axis=-1)

@@ -201,6 +201,20 @@ def normalization_matrix(hw: Sequence[int], *, align_corners: bool = False,
   return jnp.asarray([[sx, 0, ox], [0, sy, oy], [0, 0, 1]], dtype=dtype)
 
 
+def pixel_transform_to_normalized(matrix: jax.Array, in_hw: Sequence[int],
+                                  out_hw: Sequence[int], *,
+                                  align_corners: bool = False) -> jax.Array:
+  """An output-pixel -> input-pixel transform ``[..., 3, 3]`` in normalised coordinates.
+
+  Returns ``N_in @ matrix @ inv(N_out)`` (:func:`normalization_matrix`): the
+  same map acting on normalised coordinates, ready for the grid generators
+  (take ``[..., :2, :]`` for an affine ``theta``).
+  """
+  n_in = normalization_matrix(in_hw, align_corners=align_corners)
+  n_out_inv = invert(normalization_matrix(out_hw, align_corners=align_corners))
+  return compose(compose(n_in, matrix), n_out_inv)
+
+
 def pixel_to_normalized(points: jax.Array, hw: Sequence[int], *,
                         align_corners: bool = False) -> jax.Array:
   """Pixel ``(x, y)`` points ``[..., 2]`` of an ``hw`` image to normalised coordinates."""

@@ -114,9 +114,8 @@ def test_coordinate_helpers_round_trip_and_agree(align_corners):
 def test_pixel_space_transform_converts_to_normalised():
   """A pixel translation by (+1, 0), expressed in normalised form, shifts by one pixel."""
   hw = (5, 8)
-  n = transforms.normalization_matrix(hw)
   pixel_shift = jnp.asarray([[1.0, 0, 1], [0, 1, 0], [0, 0, 1]])
-  theta = transforms.compose(transforms.compose(n, pixel_shift), transforms.invert(n))[None, :2]
+  theta = transforms.pixel_transform_to_normalized(pixel_shift, hw, hw)[None, :2]
   images = jnp.asarray(np.random.default_rng(4).standard_normal((1,) + hw + (1,)), jnp.float32)
   out = stn_jax.warp(images, theta)
   np.testing.assert_allclose(out[:, :, :-1], images[:, :, 1:], atol=1e-5)
