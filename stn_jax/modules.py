@@ -15,6 +15,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from stn_jax import _validation as v
@@ -65,9 +66,10 @@ class LocalisationNet(nnx.Module):
                control_shape: Sequence[int] = transforms.DEFAULT_CONTROL_SHAPE,
                rngs: nnx.Rngs):
     self.in_hw = v.check_hw("in_hw", in_hw)
-    if not isinstance(in_channels, int) or in_channels < 1:
+    if not isinstance(in_channels, (int, np.integer)) or isinstance(in_channels, bool) \
+        or in_channels < 1:
       raise ValueError(f"in_channels must be a positive integer; got {in_channels!r}.")
-    self.in_channels = in_channels
+    self.in_channels = int(in_channels)
     self.transform = transform
     self.control_shape = tuple(control_shape)
     self.downsample = downsample

@@ -235,6 +235,7 @@ BAD_MODULE_CASES = [
     (lambda: SpatialTransformer(LocalisationNet((8, 8), 1, rngs=nnx.Rngs(0)))(jnp.ones((8, 8, 1))), r"x must have rank 4"),
     (lambda: DistortedMnistModel(backbone="resnet", rngs=nnx.Rngs(0)), r"unknown backbone 'resnet'"),
     (lambda: LocalisationNet((4, 4), 1, conv=((8, 5, False),), rngs=nnx.Rngs(0)), r"too small for a 5x5 convolution"),
+    (lambda: LocalisationNet((8, 8), 0, rngs=nnx.Rngs(0)), r"in_channels must be a positive integer; got 0"),
 ]
 
 
