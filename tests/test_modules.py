@@ -1,9 +1,5 @@
 """Tests of the Flax NNX modules and the paper's models."""
 
-import os
-import subprocess
-import sys
-import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +9,7 @@ import pytest
 from flax import nnx
 
 import stn_jax
+from tests.multidevice import run_with_devices
 from stn_jax import transforms
 from stn_jax.models import (AdditionModel, DistortedMnistModel, MultiDigitCNN,
                             ParallelSTClassifier, count_params)
@@ -206,7 +203,7 @@ def test_linen_bridge_matches_nnx():
 
 
 def test_pmap_on_eight_cpu_devices():
-  code = textwrap.dedent("""
+  run_with_devices("""
       import jax, jax.numpy as jnp, numpy as np
       from flax import nnx
       from stn_jax.models import DistortedMnistModel
@@ -219,11 +216,6 @@ def test_pmap_on_eight_cpu_devices():
       np.testing.assert_allclose(out.reshape(16, 10), model(x.reshape(16, 28, 28, 1)), atol=1e-5)
       print("ok")
   """)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          timeout=300)
-  assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
 
 
 BAD_MODULE_CASES = [
