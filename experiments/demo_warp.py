@@ -9,7 +9,6 @@ Reads MNIST through TFDS from ``--data_dir`` (default: $TFDS_DATA_DIR, else
 from __future__ import annotations
 
 import argparse
-import os
 
 import jax.numpy as jnp
 import matplotlib
@@ -19,17 +18,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import stn_jax  # noqa: E402
+from experiments.show_distortions import default_data_dir  # noqa: E402
+from stn_jax import datasets  # noqa: E402
 
 
 def load_digits(n: int, data_dir: str | None) -> np.ndarray:
-  """``[n, 28, 28, 1]`` float32 MNIST test digits in [0, 1], or synthetic ones."""
-  data_dir = data_dir or os.environ.get("TFDS_DATA_DIR")
-  if data_dir is None and os.path.isdir("../shared/data/tfds"):
-    data_dir = "../shared/data/tfds"
-  if data_dir:
-    import tensorflow_datasets as tfds
-    source = tfds.data_source("mnist", split="test", data_dir=data_dir)
-    return np.stack([source[i]["image"] for i in range(n)]).astype(np.float32) / 255.0
+  """``[n, 28, 28, 1]`` float32 MNIST test digits in [0, 1], or synthetic ones without data."""
+  try:
+    images, _ = datasets.load_mnist("test", data_dir=default_data_dir(data_dir))
+    return images[:n].astype(np.float32) / 255.0
+  except datasets.DataNotFoundError as error:
+    print(f"{error}\nUsing a synthetic digit instead.")
   yy, xx = np.mgrid[:28, :28]
   ring = np.exp(-((np.hypot(yy - 14, xx - 14) - 8) ** 2) / 4)   # A "0".
   return np.repeat(ring[None, ..., None], n, 0).astype(np.float32)

@@ -22,6 +22,7 @@ from stn_jax import datasets, distortions  # noqa: E402
 
 
 def default_data_dir(data_dir):
+  """``data_dir``, else None when $TFDS_DATA_DIR is set, else the project machines' copy."""
   if data_dir or os.environ.get("TFDS_DATA_DIR"):
     return data_dir
   return "../shared/data/tfds" if os.path.isdir("../shared/data/tfds") else None

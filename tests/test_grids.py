@@ -87,9 +87,9 @@ def test_tps_maps_control_points_exactly():
 def test_tps_custom_target_points_mapped_exactly():
   rng = np.random.default_rng(3)
   target = rng.uniform(-1, 1, (6, 2))
-  source = rng.uniform(-1, 1, (1, 6, 2))
-  # Ask for a 1x6 "image" whose pixels are the target points: use them as a
-  # grid directly through the interpolation matrix (via JAX target points).
+  # Evaluated at the target points themselves, the interpolation matrix must
+  # be the identity (each target point maps onto its own source point), on
+  # both the traced (JAX) and the cached (NumPy) path.
   with jax.enable_x64(True):
     m = grids._tps_interpolation(jnp.asarray(target), jnp.asarray(target))
     np.testing.assert_allclose(np.asarray(m), np.eye(6), atol=1e-10)
