@@ -18,14 +18,8 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from experiments.tasks import default_data_dir  # noqa: E402
 from stn_jax import datasets, distortions  # noqa: E402
-
-
-def default_data_dir(data_dir):
-  """``data_dir``, else None when $TFDS_DATA_DIR is set, else the project machines' copy."""
-  if data_dir or os.environ.get("TFDS_DATA_DIR"):
-    return data_dir
-  return "../shared/data/tfds" if os.path.isdir("../shared/data/tfds") else None
 
 
 def save_grid(path, images, titles, suptitle):

@@ -87,6 +87,42 @@ def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
   return np.random.default_rng([seed, epoch]).permutation(num_examples)
 
 
+def batch_indices(num_examples: int, global_batch: int, seed: int, step: int,
+                  shard: slice = slice(None)) -> np.ndarray:
+  """Example indices of this process's ``shard`` of global batch ``step``.
+
+  Epochs are reshuffled (:func:`epoch_order`); the remainder of an epoch
+  that does not fill a batch is skipped. A pure function of its arguments.
+  """
+  steps_per_epoch = num_examples // global_batch
+  if steps_per_epoch == 0:
+    raise ValueError(f"global batch {global_batch} exceeds the {num_examples} examples.")
+  epoch, within = divmod(step, steps_per_epoch)
+  order = epoch_order(num_examples, seed, epoch)
+  return order[within * global_batch:(within + 1) * global_batch][shard]
+
+
+def synthetic_digits(num: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """A tiny offline stand-in for MNIST (tests, smoke runs): ``(uint8 [N, 28, 28, 1], labels [N])``.
+
+  Class ``k`` is a bright stroke whose orientation is ``18 k`` degrees
+  through the centre, drawn with random thickness and small offsets, plus
+  noise; learnable in a few hundred steps and sensitive to the distortions.
+  """
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, 10, num).astype(np.int32)
+  yy, xx = np.mgrid[:28, :28].astype(np.float32) - 13.5
+  angle = np.deg2rad(18.0 * labels)[:, None, None]
+  offset = rng.uniform(-2, 2, (num, 2, 1, 1)).astype(np.float32)
+  y, x = yy[None] - offset[:, 0], xx[None] - offset[:, 1]
+  across = np.abs(-np.sin(angle) * x + np.cos(angle) * y)
+  along = np.abs(np.cos(angle) * x + np.sin(angle) * y)
+  width = rng.uniform(1.2, 2.5, (num, 1, 1))
+  stroke = np.exp(-(across / width) ** 2) * (along < 9 + 2 * (labels[:, None, None] % 3))
+  image = np.clip(stroke + 0.1 * rng.random((num, 28, 28)), 0, 1)
+  return (255 * image[..., None]).astype(np.uint8), labels
+
+
 def distorted_batches(images: np.ndarray, labels: np.ndarray, *, variant: str,
                       global_batch: int, seed: int, start_step: int = 0,
                       process_index: Optional[int] = None,
@@ -94,21 +130,21 @@ def distorted_batches(images: np.ndarray, labels: np.ndarray, *, variant: str,
   """Endless training stream of this process's shard of each distorted global batch.
 
   Step ``s`` reads the examples of position ``s`` in the epoch orders of
-  :func:`epoch_order` and distorts them with key ``fold_in(key(seed), s)``: the
+  :func:`epoch_order` and distorts the example at position ``i`` of the global
+  batch with key ``fold_in(fold_in(key(seed), s), i)`` (so the stream does not
+  depend on the number of processes): the
   data are distorted afresh each epoch, and the stream is a pure function of
   ``(seed, step)``, so a run resumed at ``start_step`` sees what an
   uninterrupted one would.
   """
   shard = shard_of_batch(global_batch, process_index, process_count)
-  steps_per_epoch = len(images) // global_batch
   base = jax.random.key(seed)
   step = start_step
   while True:
-    epoch, within = divmod(step, steps_per_epoch)
-    order = epoch_order(len(images), seed, epoch)
-    idx = order[within * global_batch:(within + 1) * global_batch][shard]
-    key = jax.random.fold_in(jax.random.fold_in(base, step), shard.start)
-    yield distortions.distort(key, images[idx], variant), labels[idx]
+    idx = batch_indices(len(images), global_batch, seed, step, shard)
+    positions = np.arange(shard.start, shard.start + len(idx))
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.fold_in(base, step), positions)
+    yield distortions.distort_each(keys, images[idx], variant), labels[idx]
     step += 1
 
 

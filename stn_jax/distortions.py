@@ -191,6 +191,16 @@ def distort(key: jax.Array, digits: jax.Array, variant: str) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames="variant")
+def distort_each(keys: jax.Array, digits: jax.Array, variant: str) -> jax.Array:
+  """:func:`distort` with one key per example (``keys [B]``).
+
+  An example's distortion then depends only on its own key, not on which
+  batch or process shard it is in.
+  """
+  return jax.vmap(lambda k, d: distort(k, d[None], variant)[0])(keys, digits)
+
+
+@functools.partial(jax.jit, static_argnames="variant")
 def addition_pairs(key, first, second, labels_first, labels_second, variant: str = "RTS"):
   """MNIST addition: two independently distorted digits as 2 channels; label = their sum.
 

@@ -258,6 +258,42 @@ class AdditionModel(nnx.Module):
     return self.classifier(warped)
 
 
+class ConvFeatures(nnx.Module):
+  """A small CNN backbone ``[B, H, W, C] -> [B, features[-1]]``.
+
+  3x3 SAME conv + ReLU + 2x2 max-pool per entry of ``features``, then a global
+  average pool. Our stand-in for the paper's ImageNet-pretrained Inception in
+  the CUB models (no pretrained weights are available offline).
+  """
+
+  def __init__(self, in_channels: int, features: Sequence[int] = (32, 64, 128, 256), *,
+               rngs: nnx.Rngs):
+    convs = []
+    for feat in features:
+      convs.append(nnx.Conv(in_channels, feat, (3, 3), rngs=rngs))
+      in_channels = feat
+    self.convs = nnx.List(convs)
+
+  def __call__(self, x):
+    for conv in self.convs:
+      x = nnx.max_pool(nnx.relu(conv(x)), (2, 2), (2, 2))
+    return x.mean(axis=(1, 2))
+
+
+class FeatureClassifier(nnx.Module):
+  """A backbone's features, dropout and a linear classifier (the no-transformer baseline)."""
+
+  def __init__(self, backbone: nnx.Module, feature_dim: int, num_classes: int, *,
+               dropout: float = 0.0, rngs: nnx.Rngs):
+    self.backbone = backbone
+    self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout else None
+    self.out = nnx.Linear(feature_dim, num_classes, rngs=rngs)
+
+  def __call__(self, x):
+    h = self.backbone(x)
+    return self.out(self.dropout(h) if self.dropout is not None else h)
+
+
 def count_params(model: nnx.Module) -> int:
   """Number of trainable scalars (``nnx.Param``) in ``model``."""
   return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -1,18 +1,22 @@
-"""The pure, data-parallel training step (the core of the training loop).
+"""The pure, data-parallel training and evaluation steps, and optimisers.
 
 A model is split once into a static graph definition and plain state; the
-step is a pure function of ``(state, images, labels)`` so that it runs under
-``jax.jit`` on one device or ``jax.pmap`` over the local devices, with
-gradients and metrics averaged across devices by ``jax.lax.pmean``.
+steps are pure functions of ``(state, batch, rng)`` so that they run under
+``jax.jit`` on one device or ``jax.pmap`` over the local devices (all devices
+of all processes in a multi-host run), with gradients and metrics averaged
+across devices by ``jax.lax.pmean`` and evaluation sums added by ``psum``.
 
-This module holds the step and the helpers to replicate state and shard
-batches; the loop around it (evaluation, checkpoints, metrics, CLI) is built
-on top.
+Loss functions are *per example*: ``terms(outputs, labels) -> (loss [B],
+correct [B])``. Training averages them; evaluation sums them under a mask, so
+that a padded last batch counts each real example exactly once.
+
+The loop around these steps (evaluation schedule, checkpoints, metrics) is
+:mod:`stn_jax.trainer`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -20,12 +24,20 @@ import numpy as np
 import optax
 from flax import nnx
 
+from stn_jax import _validation as v
+
 AXIS = "devices"
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("constant", "step", "cosine")
+# Parameters under a module attribute of this name belong to a localisation net.
+LOCALISATION_KEY = "localisation"
+
+Terms = Callable[[Any, Any], tuple[jax.Array, jax.Array]]
 
 
 class TrainState(NamedTuple):
   """Everything a step changes: ``step``, trainable ``params``, the model's
-  other state ``rest`` (e.g. RNG counters) and the optimiser state."""
+  other state ``rest`` (e.g. dropout RNG streams) and the optimiser state."""
   step: jax.Array
   params: Any
   rest: Any
@@ -39,32 +51,146 @@ def create_train_state(model: nnx.Module, optimizer: optax.GradientTransformatio
                               optimizer.init(params))
 
 
+def eval_graphdef(model: nnx.Module):
+  """The graph definition of ``model`` in evaluation mode (dropout off).
+
+  It merges with the same state as the training graph definition.
+  """
+  model.eval()
+  graphdef, _, _ = nnx.split(model, nnx.Param, ...)
+  model.train()
+  return graphdef
+
+
+# --- Per-example loss terms ---------------------------------------------------------------
+
+
+def classification_terms(logits: jax.Array, labels: jax.Array):
+  """Softmax cross entropy ``[B]`` and correctness ``[B]`` (float) for integer labels ``[B]``."""
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  return loss, (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+
+
+def sequence_terms(outputs, labels):
+  """Multi-digit sequences (Goodfellow et al. 2014, the paper's SVHN set-up).
+
+  ``outputs = (length_logits [B, L + 2], digit_logits [B, L, 11])`` and
+  ``labels = (lengths [B], digits [B, L])`` with 10 meaning "no digit". The
+  loss is the length cross entropy plus the sum of the per-position digit
+  cross entropies; an example is correct when its length and every position
+  are right (the paper's sequence error is one minus this).
+  """
+  length_logits, digit_logits = outputs
+  lengths, digits = labels
+  loss = (optax.softmax_cross_entropy_with_integer_labels(length_logits, lengths)
+          + optax.softmax_cross_entropy_with_integer_labels(digit_logits, digits).sum(-1))
+  correct = ((jnp.argmax(length_logits, -1) == lengths)
+             & jnp.all(jnp.argmax(digit_logits, -1) == digits, -1))
+  return loss, correct.astype(jnp.float32)
+
+
 def classification_loss(logits, labels):
-  """Mean softmax cross entropy and accuracy for integer labels."""
-  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-  accuracy = (jnp.argmax(logits, -1) == labels).mean()
-  return loss, {"loss": loss, "accuracy": accuracy}
+  """Mean softmax cross entropy and accuracy for integer labels (``(loss, metrics)``)."""
+  loss, correct = classification_terms(logits, labels)
+  return loss.mean(), {"loss": loss.mean(), "accuracy": correct.mean()}
+
+
+# --- Optimisers ---------------------------------------------------------------------------
+
+
+def learning_rate_schedule(learning_rate: float, *, schedule: str = "constant",
+                           total_steps: int = 1, decay_every: int = 0,
+                           decay_factor: float = 0.1, warmup_steps: int = 0) -> optax.Schedule:
+  """A learning-rate schedule.
+
+  ``'step'``: multiplied by ``decay_factor`` every ``decay_every`` steps (the
+  paper: x0.1 every 50k of 150k steps); ``'cosine'``: cosine decay to 0 over
+  ``total_steps``; ``'constant'``. ``warmup_steps`` adds a linear warm-up.
+  """
+  v.check_choice("schedule", schedule, SCHEDULES)
+  if schedule == "step":
+    if decay_every <= 0:
+      raise ValueError(f"schedule 'step' needs decay_every > 0; got {decay_every}.")
+    base = optax.exponential_decay(learning_rate, decay_every, decay_factor, staircase=True)
+  elif schedule == "cosine":
+    base = optax.cosine_decay_schedule(learning_rate, max(total_steps - warmup_steps, 1))
+  else:
+    base = optax.constant_schedule(learning_rate)
+  if warmup_steps > 0:
+    return optax.join_schedules([optax.linear_schedule(0.0, learning_rate, warmup_steps), base],
+                                [warmup_steps])
+  return base
+
+
+def localisation_mask(params) -> Any:
+  """``True`` for each parameter inside a localisation net (a path through ``localisation``)."""
+  def inside(path, _):
+    return any(getattr(k, "key", getattr(k, "name", None)) == LOCALISATION_KEY for k in path)
+  return jax.tree_util.tree_map_with_path(inside, params)
+
+
+def make_optimizer(name: str, schedule: optax.Schedule, *, momentum: float = 0.9,
+                   weight_decay: float = 0.0, localisation_lr_scale: float = 1.0,
+                   grad_clip_norm: float = 0.0) -> optax.GradientTransformation:
+  """An optax optimiser: ``'sgd'`` (with momentum) or ``'adam'``.
+
+  ``weight_decay`` is L2 added to the gradient (as in the paper's era of
+  SGD); ``localisation_lr_scale`` multiplies the updates of every
+  localisation-net parameter (the paper lowers the localisation nets'
+  learning rate for some transformers); ``grad_clip_norm > 0`` clips the
+  global gradient norm.
+  """
+  v.check_choice("optimizer", name, OPTIMIZERS)
+  parts = []
+  if grad_clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(grad_clip_norm))
+  if weight_decay > 0:
+    parts.append(optax.add_decayed_weights(weight_decay))
+  if name == "sgd":
+    parts.append(optax.sgd(schedule, momentum=momentum or None))
+  else:
+    parts.append(optax.adam(schedule))
+  if localisation_lr_scale != 1.0:
+    parts.append(optax.masked(optax.scale(localisation_lr_scale), localisation_mask))
+  return optax.chain(*parts)
+
+
+# --- Steps --------------------------------------------------------------------------------
+
+
+def step_rng(rng: jax.Array, step: jax.Array, axis_name: Optional[str]) -> jax.Array:
+  """The key of one step on one device: ``rng`` folded with the step and the device index."""
+  key = jax.random.fold_in(rng, step)
+  if axis_name is not None:
+    key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+  return key
 
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, *,
-                    loss_fn: Callable = classification_loss,
-                    axis_name: Optional[str] = None):
-  """A pure step ``(state, images, labels) -> (state, metrics)``.
+                    terms: Terms = classification_terms, axis_name: Optional[str] = None):
+  """A pure step ``(state, images, labels, rng) -> (state, metrics)``.
 
-  With ``axis_name`` (under ``pmap``) the gradients and metrics are averaged
-  over that axis, so every device applies the same update to its replica.
+  ``rng`` is the run's base key; the step folds in ``state.step`` and (under
+  ``pmap``) the device index, and reseeds the model's ``dropout`` stream with
+  it, so that every device draws its own masks and a resumed run draws what
+  an uninterrupted one would. With ``axis_name`` the gradients and metrics
+  are averaged over that axis, so every device applies the same update.
+  ``metrics``: mean ``loss`` and ``accuracy`` of the batch, ``grad_norm``.
   """
 
-  def step(state: TrainState, images, labels):
+  def step(state: TrainState, images, labels, rng):
     def loss_of(params):
-      model = nnx.merge(graphdef, params, state.rest)
-      loss, metrics = loss_fn(model(images), labels)
-      return loss, (metrics, nnx.state(model, nnx.Not(nnx.Param)))
+      model = nnx.merge(graphdef, params, state.rest, copy=True)
+      nnx.reseed(model, dropout=step_rng(rng, state.step, axis_name))
+      loss, correct = terms(model(images), labels)
+      metrics = {"loss": loss.mean(), "accuracy": correct.mean()}
+      return loss.mean(), (metrics, nnx.state(model, nnx.Not(nnx.Param)))
 
     grads, (metrics, rest) = jax.grad(loss_of, has_aux=True)(state.params)
     if axis_name is not None:
       grads = jax.lax.pmean(grads, axis_name)
       metrics = jax.lax.pmean(metrics, axis_name)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     return TrainState(state.step + 1, params, rest, opt_state), metrics
@@ -72,10 +198,41 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, *,
   return step
 
 
+def make_eval_step(graphdef, *, terms: Terms = classification_terms,
+                   axis_name: Optional[str] = None):
+  """A pure step ``(state, images, labels, mask) -> sums``.
+
+  ``graphdef`` should be in evaluation mode (:func:`eval_graphdef`).
+  ``mask [B]`` is 1 for real examples and 0 for padding; ``sums`` holds
+  ``loss`` and ``correct`` summed over real examples and their ``count``,
+  summed over ``axis_name`` too when given.
+  """
+
+  def step(state: TrainState, images, labels, mask):
+    model = nnx.merge(graphdef, state.params, state.rest)
+    loss, correct = terms(model(images), labels)
+    mask = mask.astype(jnp.float32)
+    sums = {"loss": jnp.sum(loss * mask), "correct": jnp.sum(correct * mask),
+            "count": jnp.sum(mask)}
+    if axis_name is not None:
+      sums = jax.lax.psum(sums, axis_name)
+    return sums
+
+  return step
+
+
 def pmap_train_step(graphdef, optimizer: optax.GradientTransformation, **kwargs):
-  """:func:`make_train_step` under ``jax.pmap`` over the local devices (state donated)."""
+  """:func:`make_train_step` under ``jax.pmap`` (state donated; ``rng`` not mapped)."""
   step = make_train_step(graphdef, optimizer, axis_name=AXIS, **kwargs)
-  return jax.pmap(step, axis_name=AXIS, donate_argnums=(0,))
+  return jax.pmap(step, axis_name=AXIS, in_axes=(0, 0, 0, None), donate_argnums=(0,))
+
+
+def pmap_eval_step(graphdef, **kwargs):
+  """:func:`make_eval_step` under ``jax.pmap``; the sums come back on every device."""
+  return jax.pmap(make_eval_step(graphdef, axis_name=AXIS, **kwargs), axis_name=AXIS)
+
+
+# --- Replication and sharding --------------------------------------------------------------
 
 
 def replicate(tree, num_devices: Optional[int] = None):
@@ -101,3 +258,24 @@ def shard_batch(batch, num_devices: Optional[int] = None):
     return x.reshape((n, x.shape[0] // n) + x.shape[1:])
 
   return jax.tree.map(split, batch)
+
+
+def padded_batches(images: np.ndarray, labels: Any, batch_size: int,
+                   shard: Optional[Sequence[int]] = None):
+  """Fixed-size evaluation batches ``(images, labels, mask)`` over a whole set.
+
+  The set is padded (by repeating its first example) to a multiple of
+  ``batch_size * shards``; ``mask`` is 1 for real examples and 0 for padding,
+  so each real example is counted exactly once. ``shard = (index, count)``
+  yields only that process's contiguous part; every shard gets the same
+  number of batches (collectives need all processes in step).
+  """
+  index, count = shard or (0, 1)
+  n = len(images)
+  per_shard = -(-n // (batch_size * count)) * batch_size
+  start = index * per_shard
+  for lo in range(start, start + per_shard, batch_size):
+    idx = np.arange(lo, lo + batch_size)
+    mask = idx < n
+    idx = np.where(mask, idx, 0)
+    yield images[idx], jax.tree.map(lambda y: np.asarray(y)[idx], labels), mask

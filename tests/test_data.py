@@ -102,9 +102,11 @@ def test_batch_stream_is_resumable_and_shards_partition_the_batch():
   covered = np.concatenate([np.arange(16)[s] for s in shards])
   np.testing.assert_array_equal(covered, np.arange(16))
   per_process = [next(datasets.distorted_batches(images, labels, variant="R", global_batch=16,
-                                                 seed=3, process_index=i, process_count=2))[1]
+                                                 seed=3, process_index=i, process_count=2))
                  for i in range(2)]
-  np.testing.assert_array_equal(np.concatenate(per_process), first[0][1])
+  np.testing.assert_array_equal(np.concatenate([p[1] for p in per_process]), first[0][1])
+  # Each example's distortion does not depend on the process count.
+  np.testing.assert_allclose(np.concatenate([p[0] for p in per_process]), first[0][0], atol=1e-6)
   with pytest.raises(ValueError, match="global batch 10 must divide by the process count 4"):
     datasets.shard_of_batch(10, 0, 4)
 

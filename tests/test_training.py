@@ -22,7 +22,7 @@ def test_loss_falls_on_a_tiny_task():
   step = jax.jit(training.make_train_step(graphdef, optimizer))
   losses = []
   for _ in range(30):
-    state, metrics = step(state, images, labels)
+    state, metrics = step(state, images, labels, jax.random.key(0))
     losses.append(float(metrics["loss"]))
   assert int(state.step) == 30
   assert losses[-1] < 0.2 * losses[0]
@@ -52,12 +52,12 @@ def test_pmap_step_on_eight_devices_equals_one_device():
       single = jax.jit(training.make_train_step(graphdef, optimizer))
       s1 = state
       for _ in range(2):
-        s1, m1 = single(s1, images, labels)
+        s1, m1 = single(s1, images, labels, jax.random.key(0))
       parallel = training.pmap_train_step(graphdef, optimizer)
       s8 = training.replicate(state)
       x8, y8 = training.shard_batch((images, labels))
       for _ in range(2):
-        s8, m8 = parallel(s8, x8, y8)
+        s8, m8 = parallel(s8, x8, y8, jax.random.key(0))
       s8 = training.unreplicate(s8)
       for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s8.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-4)

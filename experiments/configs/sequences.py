@@ -1,0 +1,27 @@
+"""Multi-digit sequences made from MNIST (an offline stand-in for SVHN, Table 2's task).
+
+Names: ``cnn``, ``st_cnn_single``, ``st_cnn_multi`` — the models of
+:class:`stn_jax.models.MultiDigitCNN` on 64x64 canvases of 1-5 digits
+(:func:`stn_jax.distortions.digit_sequences`). Sequence error counts a
+sequence wrong unless its length and every digit are right. The paper's
+SVHN training used SGD with dropout; batch 128 here is our choice.
+"""
+
+from __future__ import annotations
+
+from experiments.configs import common
+
+NAMES = ("cnn", "st_cnn_single", "st_cnn_multi")
+
+
+def get_config(name: str = "st_cnn_single"):
+  if name not in NAMES:
+    raise common.unknown_name("sequences", name, NAMES)
+  c = common.base_config()
+  c.name = name
+  c.task = "sequences"
+  c.st = "" if name == "cnn" else name.split("_")[-1]
+  c.batch_size = 128
+  c.max_digits = 5
+  c.canvas = 64
+  return c

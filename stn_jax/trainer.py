@@ -1,0 +1,445 @@
+"""The training loop: data-parallel steps, evaluation, checkpoints, metrics, figure.
+
+:func:`train_and_evaluate` runs unchanged on one CPU, several GPUs and
+multi-host TPU slices: the steps of :mod:`stn_jax.training` run under
+``jax.pmap`` over the local devices, each process feeds its own devices with
+its own shard of every global batch (``Task.train_batches`` yields that
+shard), and gradients are averaged over all devices of all processes.
+
+Work directory layout::
+
+  config.json          the run's configuration (a resumed run must match it)
+  checkpoints/<step>/  orbax checkpoints (periodic and final)
+  metrics.jsonl        one JSON object per log or evaluation
+  tensorboard/         TensorBoard summaries (process 0)
+  results.json         final test error, steps, wall time, devices, config
+  transformers.png     test inputs, their sampling grids and transformer outputs
+
+Resuming: a run restarts from the newest checkpoint in its work directory.
+The data stream and every random key are pure functions of ``(seed, step)``,
+so a killed and resumed run ends with the same parameters as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from stn_jax import training
+
+# Config fields that may change when a run is resumed (they do not change the result).
+RESUMABLE_FIELDS = ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
+                    "progress", "figure_examples", "eval_batch_size", "data_dir")
+
+
+class ConfigMismatchError(ValueError):
+  """The work directory holds a run of a different configuration."""
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The training loss became NaN or infinite."""
+
+
+@dataclasses.dataclass
+class Task:
+  """What the loop trains and on what (built from a config by ``experiments.tasks``).
+
+  Attributes:
+    make_model: ``rngs -> nnx.Module``; called once with ``nnx.Rngs(params=seed, dropout=seed)``.
+    train_batches: ``start_step -> iterator`` of this process's shard
+      ``(images, labels)`` of each global training batch, from ``start_step``
+      on; it must be a pure function of the step (for exact resumption).
+    test_set: ``() -> (images [N, ...], labels)`` the whole test set (labels may be a pytree).
+    terms: per-example loss terms (:func:`stn_jax.training.classification_terms`).
+    views: ``(model, images) -> (outputs, grids, titles)`` for the figure,
+      or ``None`` for models without a spatial transformer.
+  """
+  make_model: Callable[[nnx.Rngs], nnx.Module]
+  train_batches: Callable[[int], Iterator[tuple[Any, Any]]]
+  test_set: Callable[[], tuple[np.ndarray, Any]]
+  terms: training.Terms = training.classification_terms
+  views: Optional[Callable[[nnx.Module, jax.Array], tuple]] = None
+
+
+# --- Configuration bookkeeping ------------------------------------------------------------
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def config_to_dict(config) -> dict:
+  """A JSON-able dict of an ``ml_collections.ConfigDict`` (or a plain dict)."""
+  d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  return json.loads(json.dumps(d, default=str))
+
+
+def check_config_matches(workdir: str, config: dict) -> None:
+  """Raises :class:`ConfigMismatchError` when ``workdir`` holds a different run.
+
+  Fields in :data:`RESUMABLE_FIELDS` may differ. A work directory with
+  checkpoints but no ``config.json`` is refused too.
+  """
+  path = os.path.join(workdir, "config.json")
+  ckpt = os.path.join(workdir, "checkpoints")
+  if not os.path.exists(path):
+    if os.path.isdir(ckpt) and os.listdir(ckpt):
+      raise ConfigMismatchError(f"{workdir} holds checkpoints but no config.json; "
+                                "use a new --workdir.")
+    return
+  with open(path) as f:
+    stored = _flatten(json.load(f))
+  current = _flatten(config)
+  differ = sorted(k for k in set(stored) | set(current)
+                  if k.split(".")[0] not in RESUMABLE_FIELDS and stored.get(k) != current.get(k))
+  if differ:
+    lines = [f"  {k}: {stored.get(k, '<absent>')!r} in the work directory, "
+             f"{current.get(k, '<absent>')!r} now" for k in differ]
+    raise ConfigMismatchError(
+        f"{workdir} holds a run of a different configuration; nothing was changed.\n"
+        + "\n".join(lines) + "\nUse a new --workdir, or the stored configuration to resume.")
+
+
+# --- Checkpoints --------------------------------------------------------------------------
+
+
+def _is_key(x) -> bool:
+  return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _to_saveable(tree):
+  """Host NumPy copy with typed PRNG keys stored as their raw ``uint32`` data."""
+  return jax.tree.map(lambda x: np.asarray(jax.random.key_data(x) if _is_key(x) else x),
+                      jax.device_get(tree))
+
+
+def _from_saveable(tree, template):
+  return jax.tree.map(
+      lambda x, t: jax.random.wrap_key_data(x, impl=jax.random.key_impl(t)) if _is_key(t)
+      else jnp.asarray(x), tree, template)
+
+
+class Checkpoints:
+  """Orbax checkpoints of a :class:`~stn_jax.training.TrainState` under ``<workdir>/checkpoints``."""
+
+  def __init__(self, workdir: str, keep: int = 2):
+    import orbax.checkpoint as ocp
+    self._ocp = ocp
+    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+  def latest_step(self) -> Optional[int]:
+    return self.manager.latest_step()
+
+  def save(self, state: training.TrainState) -> None:
+    step = int(state.step)
+    if step in self.manager.all_steps():
+      return
+    self.manager.save(step, args=self._ocp.args.StandardSave(_to_saveable(state)))
+    self.manager.wait_until_finished()
+
+  def restore(self, template: training.TrainState, step: Optional[int] = None):
+    step = self.latest_step() if step is None else step
+    abstract = _to_saveable(template)
+    restored = self.manager.restore(step, args=self._ocp.args.StandardRestore(abstract))
+    return _from_saveable(restored, template)
+
+  def close(self) -> None:
+    self.manager.close()
+
+
+# --- Metrics ------------------------------------------------------------------------------
+
+
+class MetricWriter:
+  """JSON lines (``metrics.jsonl``) and TensorBoard summaries; silent off process 0."""
+
+  def __init__(self, workdir: str, *, enabled: bool, resume_step: int = 0):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    if not enabled:
+      return
+    if os.path.exists(self.path):  # Drop what a killed run logged after its last checkpoint.
+      with open(self.path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+      with open(self.path, "w") as f:
+        f.writelines(kept)
+    try:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
+    except ImportError:  # pragma: no cover - tensorboardX is a dependency
+      print("tensorboardX is not installed: no TensorBoard summaries.", file=sys.stderr)
+
+  def write(self, step: int, split: str, values: dict) -> None:
+    if not self.enabled:
+      return
+    record = {"step": int(step), "split": split, **{k: float(x) for k, x in values.items()}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    if self._tb is not None:
+      for key, x in values.items():
+        self._tb.add_scalar(f"{split}/{key}", float(x), int(step))
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """The records of ``<workdir>/metrics.jsonl``."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+class _Progress:
+  """A tqdm bar on a terminal (process 0), plain log lines otherwise."""
+
+  def __init__(self, total: int, initial: int, enabled: bool, bar: bool):
+    self.enabled = enabled
+    self.bar = None
+    if enabled and bar and sys.stderr.isatty():
+      from tqdm import tqdm
+      self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+  def update(self, n: int = 1, **postfix) -> None:
+    if self.bar is not None:
+      self.bar.update(n)
+      if postfix:
+        self.bar.set_postfix(postfix, refresh=False)
+
+  def log(self, line: str) -> None:
+    if not self.enabled:
+      return
+    if self.bar is not None:
+      self.bar.write(line)
+    else:
+      print(line, flush=True)
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+
+
+# --- The loop -----------------------------------------------------------------------------
+
+
+def make_schedule_and_optimizer(config):
+  """``(schedule, optimizer)`` from ``config.optimizer`` and ``config.steps``.
+
+  ``config.optimizer``: ``name`` ('sgd' or 'adam'), ``learning_rate``,
+  ``schedule`` ('constant', 'step', 'cosine'), for 'step' either
+  ``decay_every`` (steps) or ``decay_fraction`` (of ``config.steps``, so a
+  reduced budget keeps the paper's shape) and ``decay_factor``; optional
+  ``warmup_steps``, ``momentum``, ``weight_decay``,
+  ``localisation_lr_scale``, ``grad_clip_norm``.
+  """
+  o = config.optimizer
+  schedule = training.learning_rate_schedule(
+      o.learning_rate, schedule=o.schedule, total_steps=config.steps,
+      decay_every=o.get("decay_every", 0) or round(o.get("decay_fraction", 0.0) * config.steps),
+      decay_factor=o.get("decay_factor", 0.1),
+      warmup_steps=o.get("warmup_steps", 0))
+  optimizer = training.make_optimizer(
+      o.name, schedule, momentum=o.get("momentum", 0.9), weight_decay=o.get("weight_decay", 0.0),
+      localisation_lr_scale=o.get("localisation_lr_scale", 1.0),
+      grad_clip_norm=o.get("grad_clip_norm", 0.0))
+  return schedule, optimizer
+
+
+def evaluate(eval_step, state, images, labels, *, batch_size: int) -> dict:
+  """Loss, accuracy and error (%) over a whole set, each example counted once.
+
+  ``batch_size`` is the global evaluation batch; each process evaluates its
+  contiguous shard of the (padded) set.
+  """
+  count = jax.process_count()
+  if batch_size % (count * jax.local_device_count()):
+    raise ValueError(f"eval_batch_size {batch_size} must divide by the "
+                     f"{count * jax.local_device_count()} devices.")
+  local = batch_size // count
+  totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+  for x, y, mask in training.padded_batches(images, labels, local,
+                                            shard=(jax.process_index(), count)):
+    sums = eval_step(state, *training.shard_batch((x, y, mask)))
+    for k, value in jax.device_get(training.unreplicate(sums)).items():
+      totals[k] += float(value)
+  n = totals["count"]
+  return {"loss": totals["loss"] / n, "accuracy": totals["correct"] / n,
+          "error": 100.0 * (1.0 - totals["correct"] / n), "count": n}
+
+
+def _check_finite(metrics: dict, step: int, checkpoints: Checkpoints) -> None:
+  loss = float(metrics["loss"])
+  if not math.isfinite(loss):
+    last = checkpoints.latest_step()
+    kept = (f"the last good checkpoint (step {last}) is kept in {checkpoints.directory}"
+            if last is not None else "no checkpoint had been written yet")
+    raise NonFiniteLossError(f"the training loss became {loss} at step {step}; stopping; {kept}.")
+
+
+def train_and_evaluate(config, task: Task, workdir: str, *,
+                       hooks: Sequence[Callable[[int, training.TrainState], None]] = ()) -> dict:
+  """Trains ``task`` as ``config`` says, resuming from ``workdir``'s newest checkpoint.
+
+  ``config`` (an ``ml_collections.ConfigDict``) needs ``seed``, ``steps``,
+  ``batch_size`` (global), ``optimizer`` (see :func:`make_schedule_and_optimizer`),
+  ``eval_every``, ``eval_batch_size``, ``log_every``, ``checkpoint_every``
+  and may have ``keep_checkpoints``, ``progress``, ``figure_examples``.
+  ``hooks`` are called as ``hook(step, state)`` after every step (tests use
+  one to simulate a kill). Returns the results written to ``results.json``.
+  """
+  started = time.time()
+  primary = jax.process_index() == 0
+  config_dict = config_to_dict(config)
+  check_config_matches(workdir, config_dict)
+  os.makedirs(workdir, exist_ok=True)
+  if primary:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(config_dict, f, indent=2, sort_keys=True)
+
+  num_local = jax.local_device_count()
+  global_batch = config.batch_size
+  if global_batch % jax.device_count():
+    raise ValueError(f"batch_size {global_batch} must divide by the {jax.device_count()} devices "
+                     f"({jax.process_count()} processes x {num_local} local devices).")
+
+  seed = config.seed
+  model = task.make_model(nnx.Rngs(params=seed, dropout=seed))
+  schedule, optimizer = make_schedule_and_optimizer(config)
+  graphdef, state = training.create_train_state(model, optimizer)
+  eval_graph = training.eval_graphdef(model)
+
+  checkpoints = Checkpoints(workdir, keep=config.get("keep_checkpoints", 2))
+  start_step = checkpoints.latest_step() or 0
+  if start_step:
+    state = checkpoints.restore(state, start_step)
+  writer = MetricWriter(workdir, enabled=primary, resume_step=start_step)
+  progress = _Progress(config.steps, start_step, primary, config.get("progress", True))
+  progress.log(f"{'resuming at' if start_step else 'starting at'} step {start_step} of "
+               f"{config.steps}; {jax.process_count()} process(es) x {num_local} "
+               f"{jax.devices()[0].device_kind} device(s); global batch {global_batch}; "
+               f"{sum(x.size for x in jax.tree.leaves(state.params)):,} parameters")
+
+  train_step = training.pmap_train_step(graphdef, optimizer, terms=task.terms)
+  eval_step = training.pmap_eval_step(eval_graph, terms=task.terms)
+  rng = jax.random.key(seed)
+  test_images, test_labels = task.test_set()
+
+  def run_eval(replicated, step):
+    t0 = time.time()
+    result = evaluate(eval_step, replicated, test_images, test_labels,
+                      batch_size=config.eval_batch_size)
+    writer.write(step, "test", {k: result[k] for k in ("loss", "accuracy", "error")})
+    progress.log(f"step {step}: test error {result['error']:.2f}% "
+                 f"(loss {result['loss']:.4f}, {int(result['count'])} examples, "
+                 f"{time.time() - t0:.1f} s)")
+    return result
+
+  replicated = training.replicate(state, num_local)
+  del state
+  batches = task.train_batches(start_step)
+  pending = None            # (step, metrics) of the last dispatched step, not yet checked.
+  window = {"start": start_step, "t": time.time(), "excluded_s": 0.0}
+  result = None
+  train_seconds = 0.0
+  try:
+    for step in range(start_step, config.steps):
+      images, labels = next(batches)
+      x, y = training.shard_batch((images, labels), num_local)
+      replicated, metrics = train_step(replicated, x, y, rng)
+      if pending is not None:        # Check the previous step while this one runs.
+        _check_finite(jax.device_get(training.unreplicate(pending[1])), pending[0], checkpoints)
+      pending = (step, metrics)
+      done = step + 1
+      for hook in hooks:
+        hook(done, replicated)
+      host = None
+      is_last = done == config.steps
+      if done % config.log_every == 0 or is_last or done % config.checkpoint_every == 0:
+        host = jax.device_get(training.unreplicate(metrics))
+        _check_finite(host, step, checkpoints)
+        pending = None
+      progress.update(1)
+      if done % config.log_every == 0 or is_last:
+        elapsed = time.time() - window["t"] - window["excluded_s"]
+        steps_in_window = done - window["start"]
+        train_seconds += elapsed
+        values = {"loss": float(host["loss"]), "accuracy": float(host["accuracy"]),
+                  "grad_norm": float(host["grad_norm"]), "learning_rate": float(schedule(step)),
+                  "images_per_second": steps_in_window * global_batch / max(elapsed, 1e-9)}
+        writer.write(done, "train", values)
+        progress.log(f"step {done}: loss {values['loss']:.4f} acc {values['accuracy']:.3f} "
+                     f"lr {values['learning_rate']:.2g} "
+                     f"{values['images_per_second']:.0f} img/s")
+        window = {"start": done, "t": time.time(), "excluded_s": 0.0}
+      if done % config.eval_every == 0 or is_last:
+        t0 = time.time()
+        result = run_eval(replicated, done)
+        window["excluded_s"] += time.time() - t0
+      if done % config.checkpoint_every == 0 or is_last:
+        t0 = time.time()
+        checkpoints.save(training.unreplicate(replicated))
+        window["excluded_s"] += time.time() - t0
+    if result is None:   # Resumed a finished run: evaluate its final state.
+      result = run_eval(replicated, config.steps)
+  finally:
+    progress.close()
+    writer.close()
+    checkpoints.close()
+
+  final = jax.device_get(training.unreplicate(replicated))
+  results = {
+      "test_error": result["error"], "test_loss": result["loss"],
+      "test_examples": int(result["count"]), "steps": config.steps,
+      "global_batch": global_batch, "resumed_from_step": start_step,
+      "train_seconds_this_run": round(train_seconds, 1),
+      "wall_seconds_this_run": round(time.time() - started, 1),
+      "device_kind": jax.devices()[0].device_kind, "platform": jax.default_backend(),
+      "num_devices": jax.device_count(), "process_count": jax.process_count(),
+      "jax_version": jax.__version__,
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "config": config_dict,
+  }
+  if primary:
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump(results, f, indent=2)
+    if task.views is not None and config.get("figure_examples", 0):
+      _write_figure(task, eval_graph, final, test_images, config, workdir)
+      progress.log(f"wrote {os.path.join(workdir, 'transformers.png')}")
+  progress.log(f"done: test error {results['test_error']:.2f}% after {config.steps} steps; "
+               f"results in {os.path.join(workdir, 'results.json')}")
+  results["state"] = final
+  return results
+
+
+def _write_figure(task, eval_graph, state, images, config, workdir) -> None:
+  from stn_jax import plotting
+  model = nnx.merge(eval_graph, state.params, state.rest)
+  n = config.figure_examples
+  x = jnp.asarray(images[:n], jnp.float32)
+  outputs, grids, titles = task.views(model, x)
+  plotting.save_transformer_figure(
+      os.path.join(workdir, "transformers.png"), np.asarray(x),
+      [np.asarray(o) for o in outputs], [None if g is None else np.asarray(g) for g in grids],
+      titles=titles, suptitle=config.get("name", ""))
