@@ -27,6 +27,12 @@ image in every padding mode: the output there is 0 and no NaN reaches the
 output or any gradient. Finite coordinates beyond ``COORD_LIMIT`` are clamped
 to it (their gradient is zero).
 
+Implementations: the pure-JAX one (``implementation='xla'``) runs on every
+backend. On CPU, bilinear zero-padded float32 sampling uses a compiled kernel
+(:mod:`stn_jax._native`, forward and backward through ``jax.ffi``) when it
+could be built; ``implementation='auto'`` (default) picks it then, and the
+two agree to float32 rounding (tested).
+
 Gradients flow to ``images`` and to ``grid`` (except through ``'nearest'``),
 under ``jit``, ``vmap`` and ``grad``. Images may be float32, bfloat16, float16
 or float64; kernel weights and sums are computed in at least float32 and the
@@ -40,11 +46,13 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from stn_jax import _native
 from stn_jax import _validation as v
 from stn_jax import grids
 
 METHODS = ("bilinear", "nearest", "bicubic")
 PADDING_MODES = ("zeros", "border", "reflection")
+IMPLEMENTATIONS = ("auto", "xla", "native")
 CUBIC_A = -0.75  # Keys' parameter, as in PyTorch and OpenCV.
 # Normalised coordinates are clamped to +-COORD_LIMIT before conversion to
 # pixels, so that huge finite values cannot overflow float32. (Beyond it a
@@ -159,8 +167,27 @@ def check_sample_args(images, grid, method: str, padding_mode: str) -> None:
   v.check_choice("padding_mode", padding_mode, PADDING_MODES)
 
 
+def _use_native(images, grid, method: str, padding_mode: str, implementation: str) -> bool:
+  v.check_choice("implementation", implementation, IMPLEMENTATIONS)
+  if implementation == "xla":
+    return False
+  suitable = (method == "bilinear" and padding_mode == "zeros"
+              and images.dtype == jnp.float32 and grid.dtype == jnp.float32)
+  if implementation == "native":
+    if not suitable:
+      raise ValueError("implementation='native' takes method='bilinear', padding_mode='zeros' "
+                       f"and float32 images and grid; got {method!r}, {padding_mode!r}, "
+                       f"{images.dtype} and {grid.dtype}.")
+    if not _native.available():
+      raise RuntimeError("implementation='native': the compiled CPU kernel is unavailable "
+                         "(see the warning above, or STN_JAX_NATIVE=0).")
+    return True
+  return suitable and jax.default_backend() == "cpu" and _native.available()
+
+
 def sample(images: jax.Array, grid: jax.Array, *, method: str = "bilinear",
-           padding_mode: str = "zeros", align_corners: bool = False) -> jax.Array:
+           padding_mode: str = "zeros", align_corners: bool = False,
+           implementation: str = "auto") -> jax.Array:
   """Samples ``images`` at the normalised points of ``grid``.
 
   Args:
@@ -169,12 +196,17 @@ def sample(images: jax.Array, grid: jax.Array, *, method: str = "bilinear",
     method: ``'bilinear'`` (default), ``'nearest'`` or ``'bicubic'``.
     padding_mode: ``'zeros'`` (default), ``'border'`` or ``'reflection'``.
     align_corners: whether -1 and 1 are corner pixel centres (True) or edges.
+    implementation: ``'auto'`` (default; the compiled CPU kernel where it
+      applies), ``'xla'`` (pure JAX, any backend) or ``'native'`` (the CPU
+      kernel; bilinear, zeros, float32 only).
 
   Returns:
     ``[B, Ho, Wo, C]`` in the dtype of ``images``.
   """
   check_sample_args(images, grid, method, padding_mode)
   images, grid = jnp.asarray(images), jnp.asarray(grid)
+  if _use_native(images, grid, method, padding_mode, implementation):
+    return _native.bilinear_zeros(images, grid, bool(align_corners))
   b, h, w, c = images.shape
   _, ho, wo, _ = grid.shape
   compute_dtype = jnp.promote_types(jnp.result_type(images, grid), jnp.float32)

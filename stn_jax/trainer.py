@@ -28,6 +28,7 @@ import datetime
 import json
 import math
 import os
+import platform
 import sys
 import time
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -289,6 +290,19 @@ def evaluate(eval_step, state, images, labels, *, batch_size: int) -> dict:
           "error": 100.0 * (1.0 - totals["correct"] / n), "count": n}
 
 
+def describe_machine() -> str:
+  """E.g. ``'2-core CPU (Intel Xeon ...)'`` or ``'1 x NVIDIA H100'``: where a result was measured."""
+  if jax.default_backend() != "cpu":
+    return f"{jax.device_count()} x {jax.devices()[0].device_kind}"
+  model = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      model = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+  except (OSError, StopIteration):
+    pass
+  return f"{os.cpu_count()}-core CPU ({model})"
+
+
 def _check_finite(metrics: dict, step: int, checkpoints: Checkpoints) -> None:
   loss = float(metrics["loss"])
   if not math.isfinite(loss):
@@ -416,6 +430,7 @@ def train_and_evaluate(config, task: Task, workdir: str, *,
       "train_seconds_this_run": round(train_seconds, 1),
       "wall_seconds_this_run": round(time.time() - started, 1),
       "device_kind": jax.devices()[0].device_kind, "platform": jax.default_backend(),
+      "machine": describe_machine(),
       "num_devices": jax.device_count(), "process_count": jax.process_count(),
       "jax_version": jax.__version__,
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
