@@ -32,7 +32,8 @@ from flax import nnx
 
 from stn_jax import _validation as v
 from stn_jax import transforms
-from stn_jax.modules import LocalisationNet, ParallelTransformers, SpatialTransformer, check_feature_map
+from stn_jax.modules import (LocalisationNet, ParallelTransformers, SpatialTransformer,
+                             check_feature_map, max_pool_2x2)
 
 BACKBONES = ("fcn", "cnn")
 # The localisation nets of Table 1 (see the module docstring).
@@ -74,8 +75,8 @@ class MnistCNN(nnx.Module):
     self.out = nnx.Linear((h // 4) * (w // 4) * features[1], num_classes, rngs=rngs)
 
   def __call__(self, x):
-    x = nnx.max_pool(nnx.relu(self.conv1(x)), (2, 2), (2, 2))
-    x = nnx.max_pool(nnx.relu(self.conv2(x)), (2, 2), (2, 2))
+    x = max_pool_2x2(nnx.relu(self.conv1(x)))
+    x = max_pool_2x2(nnx.relu(self.conv2(x)))
     return self.out(x.reshape(x.shape[0], -1))
 
 
@@ -276,7 +277,7 @@ class ConvFeatures(nnx.Module):
 
   def __call__(self, x):
     for conv in self.convs:
-      x = nnx.max_pool(nnx.relu(conv(x)), (2, 2), (2, 2))
+      x = max_pool_2x2(nnx.relu(conv(x)))
     return x.mean(axis=(1, 2))
 
 

@@ -40,6 +40,18 @@ def conv_output_hw(hw: tuple[int, int], kernel: int, padding: str, pool: bool) -
   return h, w
 
 
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+  """2x2 max-pooling with stride 2 and VALID padding of ``[B, H, W, C]`` (odd edges dropped).
+
+  The same values as ``nnx.max_pool(x, (2, 2), (2, 2))``, written as a
+  reshape and a max: its gradient is an elementwise select instead of XLA's
+  select-and-scatter, about 3x faster on CPU (ties share the gradient).
+  """
+  b, h, w, c = x.shape
+  x = x[:, :h // 2 * 2, :w // 2 * 2]
+  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
 def check_feature_map(name: str, x, hw: tuple[int, int], channels: int) -> None:
   """Raises unless ``x`` is ``[B, *hw, channels]``."""
   v.check_rank(name, x, 4, f"[B, {hw[0]}, {hw[1]}, {channels}]")
@@ -102,7 +114,7 @@ class LocalisationNet(nnx.Module):
     for conv, pool in zip(self.convs, self.pools):
       x = nnx.relu(conv(x))
       if pool:
-        x = nnx.max_pool(x, (2, 2), (2, 2))
+        x = max_pool_2x2(x)
     x = x.reshape(x.shape[0], -1)
     for layer in self.dense:
       x = nnx.relu(layer(x))

@@ -235,3 +235,13 @@ BAD_MODULE_CASES = [
 def test_bad_input_raises_value_error(call, message):
   with pytest.raises(ValueError, match=message):
     call()
+
+
+def test_max_pool_2x2_equals_flax_max_pool():
+  from stn_jax.modules import max_pool_2x2
+  x = jax.random.normal(jax.random.key(0), (3, 9, 8, 4))
+  np.testing.assert_array_equal(np.asarray(max_pool_2x2(x)),
+                                np.asarray(nnx.max_pool(x, (2, 2), (2, 2))))
+  g = jax.grad(lambda x: (max_pool_2x2(x) ** 2).sum())(x)
+  g_ref = jax.grad(lambda x: (nnx.max_pool(x, (2, 2), (2, 2)) ** 2).sum())(x)
+  np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), atol=1e-6)

@@ -15,9 +15,14 @@ Peers that are not installed are skipped (``pip install -e '.[bench]'``).
 
 from __future__ import annotations
 
+import os
+
+# PyTorch's OpenMP threads otherwise spin after each call and steal the
+# cores of the system timed next (measured: it doubles stn_jax's times).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import datetime
-import os
 import platform
 import statistics
 import time
@@ -51,6 +56,20 @@ def make_inputs(shape, seed=0):
   return images, grid, cotangent
 
 
+def memory_report(shape) -> str:
+  """Recompilations and XLA's peak temporary memory of stn_jax's forward+backward."""
+  images, grid, cotangent = (jnp.asarray(a) for a in make_inputs(shape))
+  fwd_bwd = jax.jit(jax.grad(lambda i, g: (stn_jax_sampler(i, g) * cotangent).sum(), (0, 1)))
+  for _ in range(3):
+    jax.block_until_ready(fwd_bwd(images, grid))
+  compiled = fwd_bwd.lower(images, grid).compile().memory_analysis()
+  data = 4 * (2 * images.size + 2 * grid.size + 2 * cotangent.size)  # in + out + grads
+  temp = getattr(compiled, "temp_size_in_bytes", 0) if compiled is not None else 0
+  return (f"compilations after 3 calls: {fwd_bwd._cache_size()}; XLA temporary buffers "
+          f"{temp / 2**20:.2f} MiB next to {data / 2**20:.2f} MiB of inputs, outputs and "
+          f"gradients (peak / data = {(temp + data) / data:.2f})")
+
+
 def jax_system(sample_fn):
   """Forward and forward+backward closures for a JAX sampler ``f(images, grid)``."""
   def build(images, grid, cotangent):
@@ -64,7 +83,14 @@ def jax_system(sample_fn):
 
 
 def stn_jax_sampler(images, grid):
+  """What users get by default: the compiled CPU kernel where it is available."""
   return stn_jax.sample(images, grid, method="bilinear", padding_mode="zeros")
+
+
+def stn_jax_xla_sampler(images, grid):
+  """The portable pure-JAX implementation (GPU/TPU, and CPU without a compiler)."""
+  return stn_jax.sample(images, grid, method="bilinear", padding_mode="zeros",
+                        implementation="xla")
 
 
 def map_coordinates_sampler(images, grid):
@@ -111,7 +137,7 @@ def torch_system(images, grid, cotangent):
 
 
 def available_systems() -> dict[str, Callable]:
-  systems = {"stn_jax": jax_system(stn_jax_sampler)}
+  systems = {"stn_jax": jax_system(stn_jax_sampler), "stn_jax_xla": jax_system(stn_jax_xla_sampler)}
   try:
     import torch  # noqa: F401
     systems["torch"] = torch_system
@@ -149,7 +175,8 @@ def environment_line() -> str:
   return (f"{datetime.date.today()} on {platform.node() or 'unknown'} "
           f"({os.cpu_count()} CPUs, {platform.processor() or platform.machine()}), "
           f"jax {jax.__version__} on {jax.devices()[0].device_kind}; {threads}"
-          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
 
 
 def main(argv=None):
@@ -163,6 +190,7 @@ def main(argv=None):
   rows = ["| shape (BxCxHxW -> HoxWo) | pass | " + " | ".join(f"{s} ms" for s in systems)
           + " | " + " | ".join(f"{s} / torch" for s in systems if s != "torch") + " |",
           "|---|---|" + "---|" * (2 * len(systems) - ("torch" in systems))]
+  notes = []
   for name in args.shapes:
     shape = SHAPES[name]
     inputs = make_inputs(shape)
@@ -175,7 +203,8 @@ def main(argv=None):
       rows.append(f"| {name} {b}x{c}x{h}x{w} -> {ho}x{wo} | {pass_name} | "
                   + " | ".join(f"{ms[s]:.2f}" for s in systems) + " | " + " | ".join(ratios) + " |")
       print(rows[-1], flush=True)
-  table = "\n".join([environment_line(), "", *rows])
+    notes.append(f"- {name}: {memory_report(shape)}")
+  table = "\n".join([environment_line(), "", *rows, "", *notes])
   print("\n" + table)
   if args.out:
     with open(args.out, "w") as f:

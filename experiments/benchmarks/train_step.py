@@ -122,7 +122,7 @@ def main(argv=None):
   if count_jax != count_torch:
     raise SystemExit(f"models differ: {count_jax} parameters in stn_jax, {count_torch} in torch")
   ms = time_interleaved({"stn_jax": jax_step, "torch": torch_step}, args.repeats)
-  rows = [environment_line() + f"; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}", "",
+  rows = [environment_line(), "",
           f"Training step of {args.config} ({count_jax:,} parameters), batch {args.batch}, "
           f"SGD momentum, medians of {args.repeats} interleaved steps:", "",
           "| system | ms / step | images / s | time / torch |", "|---|---|---|---|"]
