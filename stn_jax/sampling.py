@@ -27,11 +27,17 @@ image in every padding mode: the output there is 0 and no NaN reaches the
 output or any gradient. Finite coordinates beyond ``COORD_LIMIT`` are clamped
 to it (their gradient is zero).
 
-Implementations: the pure-JAX one (``implementation='xla'``) runs on every
-backend. On CPU, bilinear zero-padded float32 sampling uses a compiled kernel
-(:mod:`stn_jax._native`, forward and backward through ``jax.ffi``) when it
-could be built; ``implementation='auto'`` (default) picks it then, and the
-two agree to float32 rounding (tested).
+Implementations: the pure-JAX gather one (``implementation='xla'``) runs on
+every backend. On CPU, bilinear zero-padded float32 sampling uses a compiled
+kernel (:mod:`stn_jax._native`, forward and backward through ``jax.ffi``) when
+it could be built; ``implementation='auto'`` (default) picks it then.
+``'matmul'`` (bilinear, zeros) is gather-free: each output point's weights
+over the image rows and columns are one-hot hat vectors, and sampling is two
+batched contractions (``[B, P, W] x [B, H, W, C]``, then over ``H``), the
+shape of work TPUs and GPUs' matrix units do best; it costs
+``B * P * H * W * C`` multiply-adds, so it suits small images only and is
+never picked automatically (it is not measured on an accelerator yet). All
+implementations agree to float32 rounding, gradients included (tested).
 
 Gradients flow to ``images`` and to ``grid`` (except through ``'nearest'``),
 under ``jit``, ``vmap`` and ``grad``. Images may be float32, bfloat16, float16
@@ -52,7 +58,7 @@ from stn_jax import grids
 
 METHODS = ("bilinear", "nearest", "bicubic")
 PADDING_MODES = ("zeros", "border", "reflection")
-IMPLEMENTATIONS = ("auto", "xla", "native")
+IMPLEMENTATIONS = ("auto", "xla", "native", "matmul")
 CUBIC_A = -0.75  # Keys' parameter, as in PyTorch and OpenCV.
 # Normalised coordinates are clamped to +-COORD_LIMIT before conversion to
 # pixels, so that huge finite values cannot overflow float32. (Beyond it a
@@ -167,9 +173,37 @@ def check_sample_args(images, grid, method: str, padding_mode: str) -> None:
   v.check_choice("padding_mode", padding_mode, PADDING_MODES)
 
 
+def _one_hot_hat(coord, size: int, dtype):
+  """Bilinear weights ``[..., size]`` of pixel coordinates ``[...]`` (zero padding).
+
+  Written with the floor and fraction of :func:`_linear_taps`, so values and
+  gradients equal the gather implementation's, at integer coordinates too.
+  """
+  coord = jnp.clip(coord, -3.0, size + 2.0)
+  left = jax.lax.stop_gradient(jnp.floor(coord))
+  frac = (coord - left)[..., None]
+  pos = jnp.arange(size, dtype=coord.dtype)
+  return ((1 - frac) * (pos == left[..., None]) + frac * (pos == left[..., None] + 1)).astype(dtype)
+
+
+def _sample_matmul(images, grid, align_corners: bool):
+  """Gather-free bilinear, zero-padded sampling (see the module docstring)."""
+  b, h, w, c = images.shape
+  _, ho, wo, _ = grid.shape
+  dtype = jnp.promote_types(jnp.result_type(images, grid), jnp.float32)
+  grid = grid.astype(dtype).reshape(b, ho * wo, 2)
+  finite = jnp.isfinite(grid).all(axis=-1, keepdims=True)
+  grid = jnp.where(finite, jnp.clip(grid, -COORD_LIMIT, COORD_LIMIT), 0.0)
+  kx = _one_hot_hat(grids.to_pixel(grid[..., 0], w, align_corners), w, dtype) * finite
+  ky = _one_hot_hat(grids.to_pixel(grid[..., 1], h, align_corners), h, dtype)
+  rows = jnp.einsum("bpw,bhwc->bphc", kx, images.astype(dtype))
+  out = jnp.einsum("bph,bphc->bpc", ky, rows)
+  return out.reshape(b, ho, wo, c).astype(images.dtype)
+
+
 def _use_native(images, grid, method: str, padding_mode: str, implementation: str) -> bool:
   v.check_choice("implementation", implementation, IMPLEMENTATIONS)
-  if implementation == "xla":
+  if implementation in ("xla", "matmul"):
     return False
   suitable = (method == "bilinear" and padding_mode == "zeros"
               and images.dtype == jnp.float32 and grid.dtype == jnp.float32)
@@ -197,8 +231,9 @@ def sample(images: jax.Array, grid: jax.Array, *, method: str = "bilinear",
     padding_mode: ``'zeros'`` (default), ``'border'`` or ``'reflection'``.
     align_corners: whether -1 and 1 are corner pixel centres (True) or edges.
     implementation: ``'auto'`` (default; the compiled CPU kernel where it
-      applies), ``'xla'`` (pure JAX, any backend) or ``'native'`` (the CPU
-      kernel; bilinear, zeros, float32 only).
+      applies), ``'xla'`` (pure JAX gathers, any backend), ``'native'`` (the
+      CPU kernel; bilinear, zeros, float32 only) or ``'matmul'`` (gather-free;
+      bilinear, zeros; small images).
 
   Returns:
     ``[B, Ho, Wo, C]`` in the dtype of ``images``.
@@ -207,6 +242,11 @@ def sample(images: jax.Array, grid: jax.Array, *, method: str = "bilinear",
   images, grid = jnp.asarray(images), jnp.asarray(grid)
   if _use_native(images, grid, method, padding_mode, implementation):
     return _native.bilinear_zeros(images, grid, bool(align_corners))
+  if implementation == "matmul":
+    if method != "bilinear" or padding_mode != "zeros":
+      raise ValueError("implementation='matmul' takes method='bilinear' and "
+                       f"padding_mode='zeros'; got {method!r} and {padding_mode!r}.")
+    return _sample_matmul(images, grid, align_corners)
   b, h, w, c = images.shape
   _, ho, wo, _ = grid.shape
   compute_dtype = jnp.promote_types(jnp.result_type(images, grid), jnp.float32)

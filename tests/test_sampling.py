@@ -281,3 +281,27 @@ def test_bad_input_raises_value_error(override, message):
     stn_jax.sample(images, grid, **args)
   with pytest.raises(ValueError, match=message):  # At trace time, too.
     jax.jit(functools.partial(stn_jax.sample, **args))(images, grid)
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_matmul_implementation_matches_gathers(align_corners, dtype):
+  from tests.test_native import inputs, value_and_grads
+  images, grid, cotangent = inputs((3, 9, 8, 3, 11, 5))
+  images = images.astype(dtype)
+  matmul = value_and_grads("matmul", images, grid, cotangent.astype(dtype), align_corners)
+  xla = value_and_grads("xla", images, grid, cotangent.astype(dtype), align_corners)
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  for a, b in zip(matmul, xla):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    np.testing.assert_allclose(a, b, atol=tol * (np.abs(b).max() + 1e-6), rtol=tol)
+  with pytest.raises(ValueError, match="implementation='matmul' takes method='bilinear'"):
+    stn_jax.sample(images, grid, padding_mode="border", implementation="matmul")
+
+
+def test_matmul_gradients_numerically():
+  rng = np.random.default_rng(3)
+  images = jnp.asarray(rng.standard_normal((2, 5, 6, 2)))
+  grid = jnp.asarray(rng.uniform(-0.9, 0.9, (2, 3, 4, 2)))
+  check_grads(lambda i, g: stn_jax.sample(i, g, implementation="matmul"), (images, grid),
+              order=2, modes=["fwd", "rev"], eps=1e-4)

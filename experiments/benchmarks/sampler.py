@@ -87,6 +87,21 @@ def stn_jax_sampler(images, grid):
   return stn_jax.sample(images, grid, method="bilinear", padding_mode="zeros")
 
 
+def stn_jax_matmul_sampler(images, grid):
+  """The gather-free formulation (two batched contractions)."""
+  return stn_jax.sample(images, grid, method="bilinear", padding_mode="zeros",
+                        implementation="matmul")
+
+
+# The matmul formulation's intermediate is [B, Ho*Wo, H, C]: skip shapes where it is huge.
+MATMUL_LIMIT_BYTES = 256 * 2**20
+
+
+def applies(system: str, shape) -> bool:
+  b, c, h, w, ho, wo = shape
+  return system != "stn_jax_matmul" or 4 * b * ho * wo * h * max(c, w / h) <= MATMUL_LIMIT_BYTES
+
+
 def stn_jax_xla_sampler(images, grid):
   """The portable pure-JAX implementation (GPU/TPU, and CPU without a compiler)."""
   return stn_jax.sample(images, grid, method="bilinear", padding_mode="zeros",
@@ -137,7 +152,8 @@ def torch_system(images, grid, cotangent):
 
 
 def available_systems() -> dict[str, Callable]:
-  systems = {"stn_jax": jax_system(stn_jax_sampler), "stn_jax_xla": jax_system(stn_jax_xla_sampler)}
+  systems = {"stn_jax": jax_system(stn_jax_sampler), "stn_jax_xla": jax_system(stn_jax_xla_sampler),
+             "stn_jax_matmul": jax_system(stn_jax_matmul_sampler)}
   try:
     import torch  # noqa: F401
     systems["torch"] = torch_system
@@ -194,14 +210,15 @@ def main(argv=None):
   for name in args.shapes:
     shape = SHAPES[name]
     inputs = make_inputs(shape)
-    built = {s: build(*inputs) for s, build in systems.items()}
+    built = {s: build(*inputs) for s, build in systems.items() if applies(s, shape)}
     for pass_index, pass_name in enumerate(["fwd", "fwd+bwd"]):
       ms = time_interleaved({s: fns[pass_index] for s, fns in built.items()}, args.repeats)
       b, c, h, w, ho, wo = shape
-      ratios = [f"{ms[s] / ms['torch']:.2f}" if "torch" in ms else "n/a"
+      ratios = [f"{ms[s] / ms['torch']:.2f}" if "torch" in ms and s in ms else "n/a"
                 for s in systems if s != "torch"]
       rows.append(f"| {name} {b}x{c}x{h}x{w} -> {ho}x{wo} | {pass_name} | "
-                  + " | ".join(f"{ms[s]:.2f}" for s in systems) + " | " + " | ".join(ratios) + " |")
+                  + " | ".join(f"{ms[s]:.2f}" if s in ms else "skipped" for s in systems)
+                  + " | " + " | ".join(ratios) + " |")
       print(rows[-1], flush=True)
     notes.append(f"- {name}: {memory_report(shape)}")
   table = "\n".join([environment_line(), "", *rows, "", *notes])
