@@ -424,7 +424,7 @@ def train_and_evaluate(config, task: Task, workdir: str, *,
 
   final = jax.device_get(training.unreplicate(replicated))
   results = {
-      "test_error": result["error"], "test_loss": result["loss"],
+      "test_error": round(result["error"], 4), "test_loss": round(result["loss"], 6),
       "test_examples": int(result["count"]), "steps": config.steps,
       "global_batch": global_batch, "resumed_from_step": start_step,
       "train_seconds_this_run": round(train_seconds, 1),
