@@ -154,14 +154,14 @@ def plot_curves(found: dict, path: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   tags = sorted(found)
-  variants = [v for v in VARIANTS if any(f"_{v}" in c for t in tags for c in found[t])]
+  variants = [v for v in VARIANTS if any(c.rsplit("_", 1)[1] == v for t in tags for c in found[t])]
   if not variants:
     return
   fig, axes = plt.subplots(1, len(variants), figsize=(4.5 * len(variants), 3.4), squeeze=False)
   for ax, variant in zip(axes[0], variants):
     for tag in tags:
       for cell in sorted(found[tag]):
-        if not cell.endswith(f"_{variant}") or cell.rsplit("_", 1)[1] != variant:
+        if cell.rsplit("_", 1)[1] != variant:
           continue
         metrics = os.path.join(RESULTS, tag, f"{cell}.metrics.jsonl")
         if not os.path.exists(metrics):
