@@ -50,6 +50,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint step at INFO.
+  from stn_jax import host_memory
+  host_memory.reuse_freed_host_memory()  # before the backend starts; see its docstring
   if FLAGS.distributed or os.environ.get("STN_JAX_DISTRIBUTED") == "1":
     initialize_distributed()
   from experiments import tasks

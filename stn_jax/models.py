@@ -33,7 +33,7 @@ from flax import nnx
 from stn_jax import _validation as v
 from stn_jax import transforms
 from stn_jax.modules import (LocalisationNet, ParallelTransformers, SpatialTransformer,
-                             check_feature_map, max_pool_2x2)
+                             check_feature_map, conv_layer, max_pool_2x2)
 
 BACKBONES = ("fcn", "cnn")
 # The localisation nets of Table 1 (see the module docstring).
@@ -70,8 +70,8 @@ class MnistCNN(nnx.Module):
                features: Sequence[int] = (32, 32), kernels: Sequence[int] = (9, 7),
                rngs: nnx.Rngs):
     h, w = in_hw
-    self.conv1 = nnx.Conv(in_channels, features[0], (kernels[0],) * 2, rngs=rngs)
-    self.conv2 = nnx.Conv(features[0], features[1], (kernels[1],) * 2, rngs=rngs)
+    self.conv1 = conv_layer(in_channels, features[0], kernels[0], rngs=rngs)
+    self.conv2 = conv_layer(features[0], features[1], kernels[1], rngs=rngs)
     self.out = nnx.Linear((h // 4) * (w // 4) * features[1], num_classes, rngs=rngs)
 
   def __call__(self, x):
@@ -173,7 +173,7 @@ class MultiDigitCNN(nnx.Module):
                                                       rngs=rngs, **loc)))
       else:
         sts.append(None)
-      convs.append(nnx.Conv(channels, feat, (5, 5), rngs=rngs))
+      convs.append(conv_layer(channels, feat, 5, rngs=rngs))
       channels = feat
       s = self.strides[i]
       hw = (-(-hw[0] // s), -(-hw[1] // s))
@@ -271,7 +271,7 @@ class ConvFeatures(nnx.Module):
                rngs: nnx.Rngs):
     convs = []
     for feat in features:
-      convs.append(nnx.Conv(in_channels, feat, (3, 3), rngs=rngs))
+      convs.append(conv_layer(in_channels, feat, 3, rngs=rngs))
       in_channels = feat
     self.convs = nnx.List(convs)
 

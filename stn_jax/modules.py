@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from stn_jax import _validation as v
+from stn_jax import convolution
 from stn_jax import sampling
 from stn_jax import transforms
 from stn_jax import warping
@@ -38,6 +39,16 @@ def conv_output_hw(hw: tuple[int, int], kernel: int, padding: str, pool: bool) -
     raise ValueError(f"input of spatial size {hw} is too small for a {kernel}x{kernel} "
                      f"convolution{' and 2x2 pooling' if pool else ''}.")
   return h, w
+
+
+def conv_layer(in_features: int, out_features: int, kernel: int, *, padding: str = "SAME",
+               rngs: nnx.Rngs) -> nnx.Conv:
+  """A stride-1 ``kernel x kernel`` ``nnx.Conv`` on ``[B, H, W, C]`` that uses
+  :func:`stn_jax.convolution.conv_general_dilated` (faster gradients for few
+  input channels on CPU; plain ``lax`` elsewhere). Every convolution of the
+  library's modules and models is made here."""
+  return nnx.Conv(in_features, out_features, (kernel, kernel), padding=padding,
+                  conv_general_dilated=convolution.conv_general_dilated, rngs=rngs)
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
@@ -90,7 +101,7 @@ class LocalisationNet(nnx.Module):
     channels = in_channels
     convs, pools = [], []
     for features, kernel, pool in conv:
-      convs.append(nnx.Conv(channels, features, (kernel, kernel), padding="VALID", rngs=rngs))
+      convs.append(conv_layer(channels, features, kernel, padding="VALID", rngs=rngs))
       pools.append(bool(pool))
       hw = conv_output_hw(hw, kernel, "VALID", pool)
       channels = features

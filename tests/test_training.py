@@ -46,21 +46,25 @@ def test_pmap_step_on_eight_devices_equals_one_device():
       rng = np.random.default_rng(0)
       images = rng.uniform(0, 1, (32, 28, 28, 1)).astype(np.float32)
       labels = rng.integers(0, 10, 32)
-      optimizer = optax.sgd(0.1, momentum=0.9)
+      # The paper's rate. At 0.1 the runs are chaotic after two steps: grid points
+      # crossing pixel edges (where the bilinear gradient jumps) turn float32
+      # rounding differences of 1e-7 into 1e-4 within three steps, for any
+      # convolution implementation.
+      optimizer = optax.sgd(0.01, momentum=0.9)
       model = DistortedMnistModel((28, 28), backbone="cnn", transform="affine", rngs=nnx.Rngs(0))
       graphdef, state = training.create_train_state(model, optimizer)
       single = jax.jit(training.make_train_step(graphdef, optimizer))
       s1 = state
-      for _ in range(2):
+      for _ in range(3):
         s1, m1 = single(s1, images, labels, jax.random.key(0))
       parallel = training.pmap_train_step(graphdef, optimizer)
       s8 = training.replicate(state)
       x8, y8 = training.shard_batch((images, labels))
-      for _ in range(2):
+      for _ in range(3):
         s8, m8 = parallel(s8, x8, y8, jax.random.key(0))
       s8 = training.unreplicate(s8)
       for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s8.params)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-4)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6, rtol=1e-5)
       np.testing.assert_allclose(float(m1["loss"]), float(m8["loss"][0]), rtol=1e-5)
       print("ok")
   """)

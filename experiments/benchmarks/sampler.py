@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import stn_jax
+from stn_jax import host_memory
 
 # name: (batch, channels, in_h, in_w, out_h, out_w)
 SHAPES = {
@@ -192,7 +193,8 @@ def environment_line() -> str:
           f"({os.cpu_count()} CPUs, {platform.processor() or platform.machine()}), "
           f"jax {jax.__version__} on {jax.devices()[0].device_kind}; {threads}"
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; "
+          f"host memory reuse (stn_jax.host_memory) {'on' if host_memory.is_applied() else 'off'}")
 
 
 def main(argv=None):
@@ -201,6 +203,7 @@ def main(argv=None):
   parser.add_argument("--repeats", type=int, default=15)
   parser.add_argument("--out", default=None, help="also write the markdown table here")
   args = parser.parse_args(argv)
+  host_memory.reuse_freed_host_memory()  # before the first computation
 
   systems = available_systems()
   rows = ["| shape (BxCxHxW -> HoxWo) | pass | " + " | ".join(f"{s} ms" for s in systems)

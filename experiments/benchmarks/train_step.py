@@ -30,7 +30,7 @@ from flax import nnx  # noqa: E402
 from experiments import tasks  # noqa: E402
 from experiments.benchmarks.sampler import environment_line, time_interleaved  # noqa: E402
 from experiments.configs import distorted_mnist  # noqa: E402
-from stn_jax import distortions, trainer, training  # noqa: E402
+from stn_jax import distortions, host_memory, trainer, training  # noqa: E402
 
 
 def torch_st_cnn(in_hw, post_pool: int, transform: str):
@@ -81,6 +81,7 @@ def main(argv=None):
   parser.add_argument("--repeats", type=int, default=20)
   parser.add_argument("--out", default=None, help="also write the markdown table here")
   args = parser.parse_args(argv)
+  host_memory.reuse_freed_host_memory()  # before the first computation
   import torch
 
   config = distorted_mnist.get_config(args.config)
