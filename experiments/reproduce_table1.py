@@ -200,8 +200,9 @@ def plot_transformers(workdir: str, tag: str, out_dir: str, examples: int = 6) -
         continue
       with open(os.path.join(run, "config.json")) as f:
         config = distorted_mnist.get_config(cell)
-        config.update_from_flattened_dict({k: v for k, v in _flat(json.load(f)).items()
-                                           if k in _flat(config.to_dict())})
+        fields = trainer.flatten_config(config.to_dict())
+        stored = trainer.flatten_config(json.load(f))
+        config.update_from_flattened_dict({k: v for k, v in stored.items() if k in fields})
       task = tasks.build_task(config)
       model = task.make_model(nnx.Rngs(0))
       _, optimizer = trainer.make_schedule_and_optimizer(config)
@@ -221,16 +222,6 @@ def plot_transformers(workdir: str, tag: str, out_dir: str, examples: int = 6) -
     plotting.save_transformer_figure(path, np.asarray(inputs), outputs, grids, titles=titles,
                                      suptitle=f"{variant.upper()} ({tag})")
     print(f"wrote {path}")
-
-
-def _flat(d, prefix=""):
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
 
 
 def main(argv=None):

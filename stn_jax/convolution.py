@@ -43,14 +43,13 @@ def patches(x: jax.Array, kernel_hw: tuple[int, int]) -> jax.Array:
   return jnp.concatenate([columns[:, i:i + ho] for i in range(kh)], axis=-1)
 
 
-def _lax_valid_conv(x: jax.Array, kernel: jax.Array, precision) -> jax.Array:
-  return lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=_NHWC,
-                                  precision=precision)
+def _lax_valid_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  return lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=_NHWC)
 
 
 @jax.custom_jvp
 def _valid_conv_patch_gradients(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  return _lax_valid_conv(x, kernel, None)
+  return _lax_valid_conv(x, kernel)
 
 
 @_valid_conv_patch_gradients.defjvp
@@ -64,7 +63,7 @@ def _patch_tangents(primals, tangents):
   x, kernel = primals
   dx, d_kernel = tangents
   kh, kw, c, o = kernel.shape
-  out = _lax_valid_conv(x, kernel, None)
+  out = _lax_valid_conv(x, kernel)
   d_out = (jnp.einsum("bhwk,ko->bhwo", patches(dx, (kh, kw)), kernel.reshape(kh * kw * c, o))
            + jnp.einsum("bhwk,ko->bhwo", patches(x, (kh, kw)),
                         d_kernel.reshape(kh * kw * c, o)))

@@ -78,11 +78,12 @@ class Task:
 # --- Configuration bookkeeping ------------------------------------------------------------
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
+def flatten_config(tree: dict, prefix: str = "") -> dict:
+  """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: the dotted field names of a nested config dict."""
   out = {}
   for key, value in tree.items():
     if isinstance(value, dict):
-      out.update(_flatten(value, f"{prefix}{key}."))
+      out.update(flatten_config(value, f"{prefix}{key}."))
     else:
       out[f"{prefix}{key}"] = value
   return out
@@ -108,8 +109,8 @@ def check_config_matches(workdir: str, config: dict) -> None:
                                 "use a new --workdir.")
     return
   with open(path) as f:
-    stored = _flatten(json.load(f))
-  current = _flatten(config)
+    stored = flatten_config(json.load(f))
+  current = flatten_config(config)
   differ = sorted(k for k in set(stored) | set(current)
                   if k.split(".")[0] not in RESUMABLE_FIELDS and stored.get(k) != current.get(k))
   if differ:
