@@ -1,16 +1,26 @@
 """Data loading through TensorFlow Datasets, offline included, and batch streams.
 
-Whole splits of MNIST fit in memory as uint8 arrays, read with
-``tfds.data_source`` (array_record, random access, no TensorFlow needed).
-The data directory is ``data_dir`` if given, else ``$TFDS_DATA_DIR``, else
-TFDS's default (``~/tensorflow_datasets``). Offline, point it at a prepared
-copy (on the project's machines ``TFDS_DATA_DIR=../shared/data/tfds``).
-Online, with ``download=True``, TFDS downloads and prepares the data itself,
-which needs TensorFlow (``pip install 'stn-jax[download]'``).
+Whole splits fit in memory as uint8 arrays, read with ``tfds.data_source``
+(array_record, random access, no TensorFlow needed). The data directory is
+``data_dir`` if given, else ``$TFDS_DATA_DIR``, else TFDS's default
+(``~/tensorflow_datasets``).
+
+MNIST on first use: when ``mnist`` is not prepared there, :func:`load_mnist`
+downloads the four standard files (about 11 MB) and prepares TFDS's ``mnist``
+in that directory itself, without TensorFlow (:mod:`stn_jax.download`; mirror:
+``$STN_JAX_MNIST_MIRROR``); later runs read it offline. ``download=False``, or
+``STN_JAX_DOWNLOAD=0`` in the environment (the CLI's ``--no_download``),
+forbids that. Other data sets (SVHN, CUB) are downloaded by TFDS itself only
+with ``download=True`` and TensorFlow installed (``pip install 'stn-jax[download]'``).
+
+TFDS's notices that reach every user and need no action ("... has no
+dataset_info.json" while looking for a data set, "OpenCV is not installed"
+when decoding with Pillow) are filtered out of the ``absl`` logger.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Iterator, Optional
 
@@ -20,17 +30,26 @@ import numpy as np
 from stn_jax import distortions
 
 
-_HOW_TO_GET_DATA = (
-    "Online: install TensorFlow (pip install 'stn-jax[download]') and pass download=True "
-    "(--download); TFDS then downloads and prepares it. Offline: set TFDS_DATA_DIR (or "
-    "--data_dir) to a directory holding a prepared copy, e.g. TFDS_DATA_DIR=../shared/data/tfds.")
+DOWNLOAD_ENV = "STN_JAX_DOWNLOAD"   # "0": never download (the CLI's --no_download)
+_QUIET_NOTICES = ("has no dataset_info.json", "OpenCV is not installed")
+
+
+class _QuietTfdsNotices(logging.Filter):
+  """Drops TFDS's two routine notices (see the module docstring); keeps everything else."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not any(notice in record.getMessage() for notice in _QUIET_NOTICES)
+
+
+logging.getLogger("absl").addFilter(_QuietTfdsNotices())
 
 
 class DataNotFoundError(FileNotFoundError):
-  """A data set is neither prepared in the data directory nor downloadable."""
+  """A data set is not prepared in the data directory and may not be downloaded."""
 
 
 def resolve_data_dir(data_dir: Optional[str] = None) -> str:
+  """``data_dir``, else ``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets`` (user-expanded)."""
   if data_dir:
     return os.path.expanduser(data_dir)
   if os.environ.get("TFDS_DATA_DIR"):
@@ -38,24 +57,55 @@ def resolve_data_dir(data_dir: Optional[str] = None) -> str:
   return os.path.expanduser(os.path.join("~", "tensorflow_datasets"))
 
 
-def _data_source(name: str, split: str, data_dir: Optional[str], download: bool):
+def download_allowed(download: Optional[bool]) -> bool:
+  """``download`` if given, else whether ``$STN_JAX_DOWNLOAD`` is not ``0`` (default: allowed)."""
+  if download is not None:
+    return download
+  return os.environ.get(DOWNLOAD_ENV, "1").strip() != "0"
+
+
+def _not_prepared(name: str, directory: str) -> DataNotFoundError:
+  where = f"TFDS data set {name!r} is not prepared in {directory!r}"
+  elsewhere = ("or point TFDS_DATA_DIR (or --data_dir, or data_dir=) at a directory that "
+               "holds a prepared copy")
+  if name == "mnist":
+    return DataNotFoundError(
+        f"{where}, and downloading it is switched off (download=False, --no_download or "
+        f"{DOWNLOAD_ENV}=0). Allow the download (about 11 MB, no TensorFlow needed), {elsewhere}.")
+  return DataNotFoundError(
+      f"{where}. TFDS downloads and prepares it itself only with TensorFlow installed: pip "
+      f"install 'stn-jax[download]', then in Python call this loader once with download=True; "
+      f"{elsewhere}.")
+
+
+def _data_source(name: str, split: str, data_dir: Optional[str], download: Optional[bool]):
+  """``tfds.data_source`` of a split; prepares a missing data set when allowed (see above)."""
   import tensorflow_datasets as tfds
   directory = resolve_data_dir(data_dir)
   try:
-    return tfds.data_source(name, split=split, data_dir=directory, download=download)
-  except Exception as error:  # TFDS raises several types for missing data.
-    searched = os.path.join(directory, name)
-    if os.path.isdir(searched):
-      problem = (f"is in {searched!r} but could not be read "
-                 f"({type(error).__name__}: {str(error)[:300]})")
-    else:
-      problem = f"is not prepared in {directory!r} (searched {searched!r})"
-    raise DataNotFoundError(f"TFDS data set {name!r} {problem}. " + _HOW_TO_GET_DATA) from None
+    return tfds.data_source(name, split=split, data_dir=directory, download=False)
+  except Exception:
+    if tfds.builder(name, data_dir=directory).is_prepared():
+      raise   # Prepared but unreadable: TFDS's own error, unchanged.
+  # Not prepared (TFDS's error, about file formats, would mislead here).
+  if name == "mnist" and download_allowed(download):
+    from stn_jax import download as mnist_download
+    mnist_download.prepare_mnist(directory)
+    return tfds.data_source(name, split=split, data_dir=directory, download=False)
+  if name != "mnist" and download:   # TFDS's own download and preparation: needs TensorFlow.
+    return tfds.data_source(name, split=split, data_dir=directory, download=True)
+  raise _not_prepared(name, directory)
 
 
 def load_arrays(name: str, split: str, *, data_dir: Optional[str] = None,
-                download: bool = False, keys=("image", "label")) -> dict[str, np.ndarray]:
-  """Reads a whole TFDS split into memory as NumPy arrays (one per key)."""
+                download: Optional[bool] = None,
+                keys=("image", "label")) -> dict[str, np.ndarray]:
+  """Reads a whole TFDS split into memory as NumPy arrays (one per key).
+
+  ``download``: for ``mnist``, None (default) downloads it when missing unless
+  ``$STN_JAX_DOWNLOAD`` is ``0``; for other data sets only True lets TFDS
+  download (needs TensorFlow). False never downloads.
+  """
   source = _data_source(name, split, data_dir, download)
   try:
     records = source.__getitems__(list(range(len(source))))
@@ -65,8 +115,12 @@ def load_arrays(name: str, split: str, *, data_dir: Optional[str] = None,
 
 
 def load_mnist(split: str, *, data_dir: Optional[str] = None,
-               download: bool = False) -> tuple[np.ndarray, np.ndarray]:
-  """MNIST ``(images uint8 [N, 28, 28, 1], labels int32 [N])`` for ``'train'`` or ``'test'``."""
+               download: Optional[bool] = None) -> tuple[np.ndarray, np.ndarray]:
+  """MNIST ``(images uint8 [N, 28, 28, 1], labels int32 [N])`` for ``'train'`` or ``'test'``.
+
+  Downloaded and prepared on first use unless ``download=False`` or
+  ``$STN_JAX_DOWNLOAD=0`` (:func:`stn_jax.download.prepare_mnist`).
+  """
   arrays = load_arrays("mnist", split, data_dir=data_dir, download=download)
   return arrays["image"].astype(np.uint8), arrays["label"].astype(np.int32)
 

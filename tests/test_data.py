@@ -129,15 +129,22 @@ def test_loaders_with_mock_data():
     assert x.shape == (7, 48, 48, 3) and np.all((y >= 0) & (y < 200))
 
 
-def test_missing_data_directory_gives_one_clear_message(tmp_path, monkeypatch):
+def test_missing_data_with_download_off_gives_one_clear_message(tmp_path, monkeypatch):
   monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "elsewhere"))
+  monkeypatch.setenv(datasets.DOWNLOAD_ENV, "0")
   with pytest.raises(datasets.DataNotFoundError) as info:
     datasets.load_mnist("test", data_dir=str(tmp_path / "empty"))
   message = str(info.value)
-  assert f"searched '{tmp_path / 'empty' / 'mnist'}'" in message
-  assert "TFDS_DATA_DIR" in message and "stn-jax[download]" in message
+  assert f"'mnist' is not prepared in '{tmp_path / 'empty'}'" in message
+  # It names only switches that exist: the CLI's flags, the variables, the argument.
+  for named in ("--no_download", "STN_JAX_DOWNLOAD=0", "TFDS_DATA_DIR", "--data_dir", "data_dir="):
+    assert named in message
+  assert "stn-jax[download]" not in message   # MNIST needs no TensorFlow
   with pytest.raises(datasets.DataNotFoundError, match=str(tmp_path / "elsewhere")):
     datasets.load_mnist("test")   # Falls back to $TFDS_DATA_DIR.
+  with pytest.raises(datasets.DataNotFoundError, match="with TensorFlow installed"):
+    datasets.load_svhn_cropped("test", data_dir=str(tmp_path / "empty"))   # TFDS's own download
+  assert not (tmp_path / "empty").exists() and not (tmp_path / "elsewhere").exists()
 
 
 def test_bad_variant_and_shape():
