@@ -1,164 +1,205 @@
 """Differentiable image sampling at the points of a grid.
 
-:func:`sample` reads ``images [B, H, W, C]`` at the normalised points of a
-``grid [B, Ho, Wo, 2]`` (conventions in :mod:`stn_jax.grids`) and returns
-``[B, Ho, Wo, C]``. Its values match PyTorch's ``grid_sample`` (with the image
-channels-last) for every method, padding mode and ``align_corners`` value.
+:func:`sample` reads ``images [B, H, W, C]`` at the normalised points
+``(x, y)`` of a ``grid [B, Ho, Wo, 2]`` and returns ``[B, Ho, Wo, C]``
+(conventions in :mod:`stn_jax.coordinates`: ``x`` along the width, -1..1
+from the left/top edge (``align_corners=False``) or corner pixel centre
+(True); the grid holds, for each output pixel, the input point it reads).
 
 Methods:
 
-* ``'bilinear'``: the paper's bilinear kernel ``max(0, 1 - |x|)`` per axis.
-* ``'nearest'``: the nearest pixel (ties round to even, as ``grid_sample``).
-  Its gradient with respect to the grid is zero everywhere.
-* ``'bicubic'``: Keys' cubic convolution with ``a = -0.75`` over 4x4 pixels.
+* ``'bilinear'``: the paper's kernel ``max(0, 1 - |x|)`` per axis.
+* ``'nearest'``: the nearest pixel (ties round to even, as ``grid_sample``);
+  zero gradient with respect to the grid.
+* ``'bicubic'``: Keys' cubic convolution (``a = -0.75``) over 4x4 pixels.
 
-Padding modes (how points outside the image read):
+Padding modes (what points outside the image read): ``'zeros'`` (0),
+``'border'`` (the nearest border pixel) and ``'reflection'`` (the image
+mirrored at the corner pixel centres with ``align_corners=True``, at the
+outer edges otherwise; for ``'bicubic'`` each of the 16 taps is padded, as
+in ``grid_sample``).
 
-* ``'zeros'``: pixels outside the image are 0.
-* ``'border'``: coordinates are clamped to the image, so points outside read
-  the nearest border pixel.
-* ``'reflection'``: coordinates are reflected at the image boundary (the
-  corner pixel centres with ``align_corners=True``, the outer edges otherwise),
-  then clamped. For ``'bicubic'`` the padding applies to each of the 16 taps,
-  as in ``grid_sample``.
+Grid points that are not finite (NaN, +-inf) are outside the image in every
+padding mode: they read 0 and no NaN reaches the output or any gradient.
+Finite coordinates beyond :data:`COORD_LIMIT` are clamped to it.
 
-Grid points whose coordinates are not finite (NaN, +-inf) count as outside the
-image in every padding mode: the output there is 0 and no NaN reaches the
-output or any gradient. Finite coordinates beyond ``COORD_LIMIT`` are clamped
-to it (their gradient is zero).
+**The gradient at pixel centres.** The bilinear kernel has a corner at every
+pixel centre, so the derivative there is one-sided, and which side a point
+falls on is a rounding accident (an identity grid computes 4.0 in one place
+and 3.9999999999999996 in another, eagerly or under ``jit``). Every newly
+initialised spatial transformer samples exactly there. We define it: where
+the pixel coordinate ``c`` of a point along an axis is within
+:data:`PIXEL_CENTRE_TOLERANCE` ``= 1e-4`` pixel of an integer ``n``, the
+derivative of the bilinear output with respect to ``c`` is the mean of the
+two one-sided derivatives, ``(v[n + 1] - v[n - 1]) / 2`` (the padding mode's
+values outside the image: 0 for ``'zeros'``) -- the central difference, what
+a jittered point gets on average. Values are unchanged. 1e-4 pixel exceeds
+the rounding error of float32 coordinate arithmetic on images up to ~500
+pixels (one float32 ulp of 448 is 3e-5), is far below any sub-pixel offset
+a model uses, and a 1e-9 pixel nudge in float64 does not cross it. Every
+bilinear backend implements the rule (tested equal at and near centres).
+Padding applies to the taps, so the same rule gives the derivative at the
+corners of ``'border'``/``'reflection'`` at the image border (the mean of
+the one-sided derivatives there too). Keys' cubic kernel has a continuous
+derivative at the taps and needs no rule (tested).
 
-Implementations: the pure-JAX gather one (``implementation='xla'``) runs on
-every backend. On CPU, bilinear zero-padded float32 sampling uses a compiled
-kernel (:mod:`stn_jax._native`, forward and backward through ``jax.ffi``) when
-it could be built; ``implementation='auto'`` (default) picks it then.
-``'matmul'`` (bilinear, zeros) is gather-free: each output point's weights
-over the image rows and columns are one-hot hat vectors, and sampling is two
-batched contractions (``[B, P, W] x [B, H, W, C]``, then over ``H``), the
-shape of work TPUs and GPUs' matrix units do best; it costs
-``B * P * H * W * C`` multiply-adds, so it suits small images only and is
-never picked automatically (it is not measured on an accelerator yet). All
-implementations agree to float32 rounding, gradients included (tested).
+**PyTorch parity.** Values match ``grid_sample`` (images channels-last) for
+every method, padding mode and ``align_corners``, except one case: an axis
+of one pixel with ``align_corners=True`` and ``'zeros'`` padding, where
+``grid_sample`` maps every coordinate to that pixel, so points however far
+outside read the image (PyTorch issue #15386); here points with ``|x| > 1``
+(or ``|y| > 1``) along such an axis are outside and read 0. Gradients match
+``grid_sample``'s except within :data:`PIXEL_CENTRE_TOLERANCE` of a pixel
+centre along an axis (bilinear), where PyTorch takes whichever one-sided
+derivative rounding picks and we take their mean.
 
-Gradients flow to ``images`` and to ``grid`` (except through ``'nearest'``),
-under ``jit``, ``vmap`` and ``grad``. Images may be float32, bfloat16, float16
-or float64; kernel weights and sums are computed in at least float32 and the
-result is cast back to the images' dtype.
+**Backends.** :data:`BACKENDS` lists the implementations, what each supports
+and its function; ``implementation=`` names one, or ``'auto'`` (default)
+lets :func:`choose_implementation` pick per platform, shape and dtype:
+
+=========  ======================  ================  ===============  ============================
+name       methods                 padding modes     dtypes           platforms
+=========  ======================  ================  ===============  ============================
+``xla``    all                     all               all floating     all (pure-JAX gathers)
+``native`` bilinear                zeros             float32          CPU (compiled kernel)
+``matmul`` bilinear                all               all floating     all (gather-free products)
+=========  ======================  ================  ===============  ============================
+
+The choice follows the platform the program is *lowered* for
+(``lax.platform_dependent``), not the process's default device, so a
+program traced on a CPU machine lowers for TPU or GPU without the CPU
+kernel (e.g. with ``jax.export``). Policy: CPU: ``native`` where it applies
+and was built, else ``xla``; GPU: ``xla`` (no GPU measurement exists yet);
+TPU: ``matmul`` for bilinear sampling of images of at most
+:data:`TPU_MATMUL_MAX_PIXELS` pixels whose first product's intermediate is
+at most :data:`MATMUL_MAX_INTERMEDIATE_BYTES`, else ``xla`` (a cost model,
+not a measurement: see :func:`choose_implementation`).
+
+All backends agree to float32 rounding, gradients included, and support
+``jit``, ``vmap``, ``grad``, ``jvp``, ``jacfwd``, ``hessian`` and higher
+orders. Images may be float32, bfloat16, float16 or float64; weights and
+sums are computed in at least float32 and the result has the images' dtype.
 """
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+import dataclasses
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 
 from stn_jax import _native
 from stn_jax import _validation as v
-from stn_jax import grids
+from stn_jax import sampler_gather
+from stn_jax import sampler_matmul
+from stn_jax.sampler_axes import COORD_LIMIT, PIXEL_CENTRE_TOLERANCE
+
+__all__ = ["BACKENDS", "Backend", "COORD_LIMIT", "IMPLEMENTATIONS", "METHODS",
+           "MATMUL_MAX_INTERMEDIATE_BYTES", "PADDING_MODES", "PIXEL_CENTRE_TOLERANCE", "PLATFORMS",
+           "TPU_MATMUL_MAX_PIXELS", "check_sample_args", "choose_implementation", "sample"]
 
 METHODS = ("bilinear", "nearest", "bicubic")
 PADDING_MODES = ("zeros", "border", "reflection")
-IMPLEMENTATIONS = ("auto", "xla", "native", "matmul")
-CUBIC_A = -0.75  # Keys' parameter, as in PyTorch and OpenCV.
-# Normalised coordinates are clamped to +-COORD_LIMIT before conversion to
-# pixels, so that huge finite values cannot overflow float32. (Beyond it a
-# float32 coordinate has no sub-pixel meaning anyway.)
-COORD_LIMIT = 1e8
+# Lowering platforms 'auto' chooses for (lax.platform_dependent's names).
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+# TPU policy (a cost model; no TPU measurement yet). The matmul path spends
+# H * (W + 1) / 4 multiply-adds per element the gather path gathers: at most
+# ~1,000 for 64x64 images, below what a TPU's matrix unit does in the time of
+# one gathered element (order 10^13-10^14 multiply-adds/s against order
+# 10^9-10^10 gathered elements/s), and its backward pass is more products
+# where the gather path's is a scatter, TPUs' slowest operation.
+TPU_MATMUL_MAX_PIXELS = 64 * 64
+# ... and its [B, Ho*Wo, H, C] intermediate must stay small next to device memory.
+MATMUL_MAX_INTERMEDIATE_BYTES = 256 * 2**20
 
 
-class _Taps(NamedTuple):
-  """Pixels one axis reads for each point: ``T`` taps of ``[...]`` arrays."""
-  index: list      # int32 pixel indices, clamped into the image.
-  weight: list     # kernel weights (0 for taps outside the image).
+@dataclasses.dataclass(frozen=True)
+class Backend:
+  """One sampler implementation and what it supports.
+
+  ``function(images, grid, method, padding_mode, align_corners)`` takes
+  checked arguments (and a batch of at least one point). ``dtypes`` is None
+  for every floating dtype, else the dtypes both ``images`` and ``grid``
+  must have; ``platforms`` lists the lowering platforms it runs on;
+  ``available`` says whether it can run in this process.
+  """
+  name: str
+  function: Callable[..., jax.Array]
+  methods: tuple[str, ...]
+  padding_modes: tuple[str, ...]
+  dtypes: Optional[tuple[str, ...]]
+  platforms: tuple[str, ...]
+  available: Callable[[], bool]
+  description: str
+
+  def refusal(self, method: str, padding_mode: str, images_dtype, grid_dtype) -> Optional[str]:
+    """Why this backend cannot take these arguments (a sentence), or None if it can."""
+    dtypes = (jnp.dtype(images_dtype).name, jnp.dtype(grid_dtype).name)
+    if (method in self.methods and padding_mode in self.padding_modes
+        and (self.dtypes is None or set(dtypes) <= set(self.dtypes))):
+      return None
+    def allowed(name, values, every):
+      if tuple(values) == tuple(every):
+        return None
+      return f"{name}={values[0]!r}" if len(values) == 1 else f"{name} in {tuple(values)}"
+    wants = [a for a in (allowed("method", self.methods, METHODS),
+                         allowed("padding_mode", self.padding_modes, PADDING_MODES)) if a]
+    if self.dtypes is not None:
+      wants.append(f"{'/'.join(self.dtypes)} images and grid")
+    return (f"implementation={self.name!r} takes {', '.join(wants)}; got method={method!r}, "
+            f"padding_mode={padding_mode!r}, images {dtypes[0]} and grid {dtypes[1]}.")
 
 
-def _reflect(coord, size: int, align_corners: bool):
-  """Reflects pixel coordinates into the image, as ``grid_sample`` does."""
-  if align_corners:
-    low, span = 0.0, float(size - 1)
-  else:
-    low, span = -0.5, float(size)
-  if span == 0:
-    return jnp.zeros_like(coord)
-  dist = jnp.abs(coord - low)
-  flips = jax.lax.stop_gradient(jnp.floor(dist / span))
-  extra = dist - flips * span
-  return jnp.where(flips % 2 == 0, low + extra, low + span - extra)
+def _native_sample(images, grid, method, padding_mode, align_corners):
+  del method, padding_mode  # Bilinear and zeros only (the table says so).
+  return _native.bilinear_zeros(images, grid, bool(align_corners))
 
 
-def _clamp(coord, size: int):
-  return jnp.clip(coord, 0.0, size - 1.0)
+BACKENDS: dict[str, Backend] = {b.name: b for b in [
+    Backend("xla", sampler_gather.sample, METHODS, PADDING_MODES, None, PLATFORMS,
+            lambda: True, "pure-JAX gathers (stn_jax.sampler_gather), the reference"),
+    Backend("native", _native_sample, ("bilinear",), ("zeros",), ("float32",), ("cpu",),
+            _native.available, "compiled C++ kernel through jax.ffi (stn_jax._native)"),
+    Backend("matmul", sampler_matmul.sample, sampler_matmul.METHODS, PADDING_MODES, None,
+            PLATFORMS, lambda: True, "gather-free batched products (stn_jax.sampler_matmul)"),
+]}
+IMPLEMENTATIONS = ("auto",) + tuple(BACKENDS)
 
 
-def _pad_coordinate(coord, size: int, padding_mode: str, align_corners: bool):
-  """Applies the padding mode to a continuous pixel coordinate."""
-  if padding_mode == "border":
-    return _clamp(coord, size)
-  if padding_mode == "reflection":
-    return _clamp(_reflect(coord, size, align_corners), size)
-  # 'zeros': points more than 2 pixels outside read nothing (their kernel
-  # support misses the image), so clamping them there changes neither values
-  # nor gradients; it keeps the integer conversion in range.
-  return jnp.clip(coord, -3.0, size + 2.0)
+def choose_implementation(platform: str, method: str, padding_mode: str, images_shape,
+                          grid_shape, images_dtype, grid_dtype) -> str:
+  """The backend ``implementation='auto'`` uses when lowering for ``platform``.
 
+  Args:
+    platform: a lowering platform, one of :data:`PLATFORMS`.
+    method, padding_mode: as :func:`sample`'s.
+    images_shape, grid_shape: ``[B, H, W, C]`` and ``[B, Ho, Wo, 2]``.
+    images_dtype, grid_dtype: their dtypes.
 
-def _bounded_taps(positions, weights, size, padding_mode, align_corners) -> _Taps:
-  """Applies the padding mode to integer tap positions (floats) and their weights."""
-  index, weight = [], []
-  for pos, w in zip(positions, weights):
-    if padding_mode == "zeros":
-      inside = (pos >= 0) & (pos <= size - 1)
-      w = jnp.where(inside, w, 0.0)
-    elif padding_mode == "reflection":
-      pos = _clamp(_reflect(pos, size, align_corners), size)
-    pos = _clamp(pos, size)  # Border mode, and keeps every gather in bounds.
-    index.append(pos.astype(jnp.int32))
-    weight.append(w)
-  return _Taps(index, weight)
-
-
-def _linear_taps(coord, size, padding_mode, align_corners) -> _Taps:
-  coord = _pad_coordinate(coord, size, padding_mode, align_corners)
-  left = jax.lax.stop_gradient(jnp.floor(coord))
-  frac = coord - left
-  return _bounded_taps([left, left + 1], [1 - frac, frac], size, "zeros", align_corners)
-
-
-def _nearest_taps(coord, size, padding_mode, align_corners) -> _Taps:
-  coord = _pad_coordinate(coord, size, padding_mode, align_corners)
-  nearest = jax.lax.stop_gradient(jnp.round(coord))  # Half to even.
-  return _bounded_taps([nearest], [jnp.ones_like(coord)], size, "zeros", align_corners)
-
-
-def _cubic_weights(t):
-  """Keys' cubic convolution weights of the taps at offsets -1, 0, 1, 2, for t in [0, 1)."""
-  a = CUBIC_A
-  def near(x):  # |x| <= 1
-    return ((a + 2) * x - (a + 3)) * x * x + 1
-  def far(x):   # 1 < |x| < 2
-    return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
-  return [far(t + 1), near(t), near(1 - t), far(2 - t)]
-
-
-def _cubic_taps(coord, size, padding_mode, align_corners) -> _Taps:
-  if padding_mode == "reflection":
-    # Tap reflection is periodic; shifting by whole periods keeps the integer
-    # conversion in range for far-away points without changing any value.
-    period = 2.0 * (size - 1 if align_corners else size)
-    if period > 0:
-      coord = coord - period * jax.lax.stop_gradient(jnp.floor(coord / period))
-  else:
-    # Beyond 3 pixels out every tap reads the same border pixel (weights sum
-    # to 1) or nothing, so clamping there changes neither values nor gradients.
-    coord = jnp.clip(coord, -4.0, size + 3.0)
-  left = jax.lax.stop_gradient(jnp.floor(coord))
-  weights = _cubic_weights(coord - left)
-  positions = [left + offset for offset in (-1, 0, 1, 2)]
-  return _bounded_taps(positions, weights, size, padding_mode, align_corners)
-
-
-_TAPS: dict[str, Callable[..., _Taps]] = {
-    "bilinear": _linear_taps, "nearest": _nearest_taps, "bicubic": _cubic_taps}
+  Returns:
+    A key of :data:`BACKENDS`: on ``'cpu'``, ``'native'`` where it supports
+    the arguments and is available in a process whose default backend is
+    the CPU (so accelerator hosts never build it), else ``'xla'``; on
+    ``'cuda'``/``'rocm'``, ``'xla'`` (not yet measured on a GPU); on
+    ``'tpu'``, ``'matmul'`` for bilinear sampling when ``H * W <=``
+    :data:`TPU_MATMUL_MAX_PIXELS` and the intermediate is at most
+    :data:`MATMUL_MAX_INTERMEDIATE_BYTES` (a cost model: see the constants),
+    else ``'xla'``.
+  """
+  v.check_choice("platform", platform, PLATFORMS)
+  def fits(name):
+    return BACKENDS[name].refusal(method, padding_mode, images_dtype, grid_dtype) is None
+  if platform == "cpu":
+    if fits("native") and jax.default_backend() == "cpu" and BACKENDS["native"].available():
+      return "native"
+  elif platform == "tpu":
+    _, h, w, _ = images_shape
+    if (fits("matmul") and h * w <= TPU_MATMUL_MAX_PIXELS
+        and sampler_matmul.intermediate_bytes(images_shape, grid_shape)
+        <= MATMUL_MAX_INTERMEDIATE_BYTES):
+      return "matmul"
+  return "xla"
 
 
 def check_sample_args(images, grid, method: str, padding_mode: str) -> None:
@@ -171,52 +212,22 @@ def check_sample_args(images, grid, method: str, padding_mode: str) -> None:
   v.check_same_batch("images", images, "grid", grid)
   v.check_choice("method", method, METHODS)
   v.check_choice("padding_mode", padding_mode, PADDING_MODES)
+  if 0 in jnp.shape(images)[1:3]:
+    raise ValueError("images must have at least one pixel along H and W, shape [B, H, W, C] "
+                     f"with H, W >= 1; got {v.shape_str(jnp.shape(images))}.")
 
 
-def _one_hot_hat(coord, size: int, dtype):
-  """Bilinear weights ``[..., size]`` of pixel coordinates ``[...]`` (zero padding).
+def _single_pixel_axes_outside(grid, hw, padding_mode: str, align_corners: bool):
+  """Marks points outside ``[-1, 1]`` along an axis of one pixel as outside (``+inf``).
 
-  Written with the floor and fraction of :func:`_linear_taps`, so values and
-  gradients equal the gather implementation's, at integer coordinates too.
+  With ``align_corners=True`` such an axis maps every coordinate to its one
+  pixel, so zeros padding would never apply (PyTorch #15386).
   """
-  coord = jnp.clip(coord, -3.0, size + 2.0)
-  left = jax.lax.stop_gradient(jnp.floor(coord))
-  frac = (coord - left)[..., None]
-  pos = jnp.arange(size, dtype=coord.dtype)
-  return ((1 - frac) * (pos == left[..., None]) + frac * (pos == left[..., None] + 1)).astype(dtype)
-
-
-def _sample_matmul(images, grid, align_corners: bool):
-  """Gather-free bilinear, zero-padded sampling (see the module docstring)."""
-  b, h, w, c = images.shape
-  _, ho, wo, _ = grid.shape
-  dtype = jnp.promote_types(jnp.result_type(images, grid), jnp.float32)
-  grid = grid.astype(dtype).reshape(b, ho * wo, 2)
-  finite = jnp.isfinite(grid).all(axis=-1, keepdims=True)
-  grid = jnp.where(finite, jnp.clip(grid, -COORD_LIMIT, COORD_LIMIT), 0.0)
-  kx = _one_hot_hat(grids.to_pixel(grid[..., 0], w, align_corners), w, dtype) * finite
-  ky = _one_hot_hat(grids.to_pixel(grid[..., 1], h, align_corners), h, dtype)
-  rows = jnp.einsum("bpw,bhwc->bphc", kx, images.astype(dtype))
-  out = jnp.einsum("bph,bphc->bpc", ky, rows)
-  return out.reshape(b, ho, wo, c).astype(images.dtype)
-
-
-def _use_native(images, grid, method: str, padding_mode: str, implementation: str) -> bool:
-  v.check_choice("implementation", implementation, IMPLEMENTATIONS)
-  if implementation in ("xla", "matmul"):
-    return False
-  suitable = (method == "bilinear" and padding_mode == "zeros"
-              and images.dtype == jnp.float32 and grid.dtype == jnp.float32)
-  if implementation == "native":
-    if not suitable:
-      raise ValueError("implementation='native' takes method='bilinear', padding_mode='zeros' "
-                       f"and float32 images and grid; got {method!r}, {padding_mode!r}, "
-                       f"{images.dtype} and {grid.dtype}.")
-    if not _native.available():
-      raise RuntimeError("implementation='native': the compiled CPU kernel is unavailable "
-                         "(see the warning above, or STN_JAX_NATIVE=0).")
-    return True
-  return suitable and jax.default_backend() == "cpu" and _native.available()
+  if padding_mode != "zeros" or not align_corners or 1 not in hw:
+    return grid
+  h, w = hw
+  outside = [(jnp.abs(grid[..., k]) > 1) if size == 1 else False for k, size in enumerate((w, h))]
+  return jnp.where((outside[0] | outside[1])[..., None], jnp.inf, grid)
 
 
 def sample(images: jax.Array, grid: jax.Array, *, method: str = "bilinear",
@@ -230,43 +241,41 @@ def sample(images: jax.Array, grid: jax.Array, *, method: str = "bilinear",
     method: ``'bilinear'`` (default), ``'nearest'`` or ``'bicubic'``.
     padding_mode: ``'zeros'`` (default), ``'border'`` or ``'reflection'``.
     align_corners: whether -1 and 1 are corner pixel centres (True) or edges.
-    implementation: ``'auto'`` (default; the compiled CPU kernel where it
-      applies), ``'xla'`` (pure JAX gathers, any backend), ``'native'`` (the
-      CPU kernel; bilinear, zeros, float32 only) or ``'matmul'`` (gather-free;
-      bilinear, zeros; small images).
+    implementation: ``'auto'`` (default: :func:`choose_implementation` per
+      lowering platform) or a key of :data:`BACKENDS` (``'xla'``,
+      ``'native'``, ``'matmul'``), which raises ``ValueError`` for arguments
+      it does not support (``RuntimeError`` where it is unavailable).
 
   Returns:
-    ``[B, Ho, Wo, C]`` in the dtype of ``images``.
+    ``[B, Ho, Wo, C]`` in the dtype of ``images`` (empty if ``B``, ``Ho``,
+    ``Wo`` or ``C`` is 0). Differentiable with respect to ``images`` and
+    ``grid`` (see the module docstring for the rules).
   """
   check_sample_args(images, grid, method, padding_mode)
+  v.check_choice("implementation", implementation, IMPLEMENTATIONS)
   images, grid = jnp.asarray(images), jnp.asarray(grid)
-  if _use_native(images, grid, method, padding_mode, implementation):
-    return _native.bilinear_zeros(images, grid, bool(align_corners))
-  if implementation == "matmul":
-    if method != "bilinear" or padding_mode != "zeros":
-      raise ValueError("implementation='matmul' takes method='bilinear' and "
-                       f"padding_mode='zeros'; got {method!r} and {padding_mode!r}.")
-    return _sample_matmul(images, grid, align_corners)
+  align_corners = bool(align_corners)
+  if implementation != "auto":
+    backend = BACKENDS[implementation]
+    refusal = backend.refusal(method, padding_mode, images.dtype, grid.dtype)
+    if refusal:
+      raise ValueError(refusal)
+    if not backend.available():
+      raise RuntimeError(f"implementation={implementation!r} is unavailable in this process "
+                         "(see the warning above; STN_JAX_NATIVE=0 turns the CPU kernel off).")
   b, h, w, c = images.shape
   _, ho, wo, _ = grid.shape
-  compute_dtype = jnp.promote_types(jnp.result_type(images, grid), jnp.float32)
-  grid = grid.astype(compute_dtype)
-  finite = jnp.isfinite(grid).all(axis=-1)
-  grid = jnp.where(finite[..., None], grid, 0.0)   # No NaN in any branch.
-  grid = jnp.clip(grid, -COORD_LIMIT, COORD_LIMIT)
-
-  taps = _TAPS[method]
-  x_taps = taps(grids.to_pixel(grid[..., 0], w, align_corners), w, padding_mode, align_corners)
-  y_taps = taps(grids.to_pixel(grid[..., 1], h, align_corners), h, padding_mode, align_corners)
-
-  # All taps of a point, flattened into one gather: [B, Ho, Wo, T].
-  index = jnp.stack([iy * w + ix for iy in y_taps.index for ix in x_taps.index], axis=-1)
-  weight = jnp.stack([wy * wx for wy in y_taps.weight for wx in x_taps.weight], axis=-1)
-  weight = jnp.where(finite[..., None], weight, 0.0)
-
-  flat = images.reshape(b, h * w, c)
-  values = jax.vmap(lambda im, idx: im[idx])(flat, index.reshape(b, -1))
-  values = values.reshape(b, ho, wo, -1, c).astype(compute_dtype)
-  # An explicit sum over the taps fuses into one elementwise loop on CPU.
-  out = sum(values[..., t, :] * weight[..., t, None] for t in range(weight.shape[-1]))
-  return out.astype(images.dtype)
+  if 0 in (b, ho, wo, c):
+    return jnp.zeros((b, ho, wo, c), images.dtype)
+  grid = _single_pixel_axes_outside(grid, (h, w), padding_mode, align_corners)
+  args = (method, padding_mode, align_corners)
+  if implementation != "auto":
+    return BACKENDS[implementation].function(images, grid, *args)
+  choice = {p: choose_implementation(p, method, padding_mode, images.shape, grid.shape,
+                                     images.dtype, grid.dtype) for p in PLATFORMS}
+  def run(name):
+    return lambda i, g: BACKENDS[name].function(i, g, *args)
+  if len(set(choice.values())) == 1:
+    return run(choice["cpu"])(images, grid)
+  per_platform = {p: run(name) for p, name in choice.items() if name != "xla"}
+  return jax.lax.platform_dependent(images, grid, default=run("xla"), **per_platform)
