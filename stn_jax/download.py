@@ -19,7 +19,8 @@ with PNG encoding done by Pillow, which needs neither.
 Where things go, for a data directory ``D`` (``data_dir``, else
 ``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets``):
 ``D/downloads/mnist/*.gz`` (the verified downloads, kept so that a rebuild does
-not fetch them again) and ``D/mnist/3.0.1/`` (the TFDS data set).
+not fetch them again; for a remote ``D`` such as ``gs://...``, a local temporary
+directory) and ``D/mnist/3.0.1/`` (the TFDS data set).
 
 Mirrors: ``$STN_JAX_MNIST_MIRROR`` (one base URL, or several separated by
 commas, each holding the four files), else :data:`DEFAULT_MIRRORS`, tried in
@@ -51,6 +52,7 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
 from stn_jax.datasets import resolve_data_dir
 
@@ -252,17 +254,20 @@ def prepare_mnist(data_dir: Optional[str] = None, *, mirror: Optional[str] = Non
   """
   directory = resolve_data_dir(data_dir)
   builder_dir = os.path.join(directory, "mnist", MNIST_VERSION)
-  if os.path.exists(os.path.join(builder_dir, "dataset_info.json")):
+  if epath.Path(builder_dir, "dataset_info.json").exists():
     return builder_dir
   bases = tuple(m.strip() for m in mirror.split(",") if m.strip()) if mirror else mirrors()
-  downloads = os.path.join(directory, "downloads", "mnist")
   print(f"stn_jax: MNIST is not prepared in {directory!r}; downloading it (about 11 MB) "
         f"from {bases[0]} and preparing it there (once).", file=sys.stderr)
-  arrays = _download_arrays(downloads, bases=bases, files=files or MNIST_FILES, timeout=timeout)
-  _check_pairs(arrays)
-  builder = MnistFromArrays(arrays, data_dir=directory, file_format="array_record")
-  builder.download_and_prepare(
-      download_dir=os.path.join(directory, "downloads"),
-      download_config=tfds.download.DownloadConfig(
-          compute_stats=tfds.download.ComputeStatsMode.SKIP))
+  remote = "://" in directory   # e.g. gs://: TFDS writes there, the downloads stay local.
+  with tempfile.TemporaryDirectory() as scratch:
+    downloads = os.path.join(scratch if remote else directory, "downloads")
+    arrays = _download_arrays(os.path.join(downloads, "mnist"), bases=bases,
+                              files=files or MNIST_FILES, timeout=timeout)
+    _check_pairs(arrays)
+    builder = MnistFromArrays(arrays, data_dir=directory, file_format="array_record")
+    builder.download_and_prepare(
+        download_dir=downloads,
+        download_config=tfds.download.DownloadConfig(
+            compute_stats=tfds.download.ComputeStatsMode.SKIP))
   return builder_dir
