@@ -2,7 +2,7 @@
 
   python -m experiments.reproduce_table1 --cells=minimum --steps=2000 --batch_size=128
 
-runs each cell (``<model>_<distortion>`` of experiments/configs/distorted_mnist.py)
+runs each cell (``<model>_<distortion>`` of stn_jax/configs/distorted_mnist.py)
 with ``--steps`` steps of ``--batch_size`` (the paper: 150000 x 256; the
 learning-rate decay keeps its shape, x0.1 at each third), writes each run's
 work directory under ``--workdir/<budget>/<cell>``, and copies its
@@ -31,8 +31,8 @@ import time
 
 import numpy as np
 
-from experiments.configs import distorted_mnist
 from stn_jax import host_memory
+from stn_jax.configs import distorted_mnist
 
 # The paper's Table 1, test error (%), as recorded in ../shared/reference/paper.md.
 PAPER = {
@@ -73,8 +73,7 @@ def cells_from(arg: str) -> list[str]:
 
 
 def run_cell(cell: str, args) -> None:
-  from experiments import tasks
-  from stn_jax import trainer
+  from stn_jax import loop, tasks
   tag = budget_tag(args)
   out_dir = os.path.join(RESULTS, tag)
   if os.path.exists(os.path.join(out_dir, f"{cell}.json")):
@@ -92,7 +91,7 @@ def run_cell(cell: str, args) -> None:
     config.optimizer.learning_rate = args.learning_rate
   workdir = os.path.join(args.workdir, tag, cell)
   print(f"=== {cell}: {args.steps} steps of {args.batch_size} -> {workdir}", flush=True)
-  trainer.train_and_evaluate(config, tasks.build_task(config), workdir)
+  loop.train_and_evaluate(config, tasks.build_task(config), workdir)
   os.makedirs(out_dir, exist_ok=True)
   shutil.copy(os.path.join(workdir, "metrics.jsonl"), os.path.join(out_dir, f"{cell}.metrics.jsonl"))
   with open(os.path.join(workdir, "results.json")) as f:
@@ -189,8 +188,7 @@ def plot_transformers(workdir: str, tag: str, out_dir: str, examples: int = 6) -
   """Figure 3 style: per distortion, inputs beside the affine, projective and TPS ST-CNN outputs."""
   import jax.numpy as jnp
   from flax import nnx
-  from experiments import tasks
-  from stn_jax import plotting, trainer, training
+  from stn_jax import checkpoints, optim, plotting, steps, tasks, workdir as workdir_files
   for variant in VARIANTS:
     outputs, grids, titles, inputs = [], [], [], None
     for transform in ("affine", "projective", "tps"):
@@ -200,15 +198,15 @@ def plot_transformers(workdir: str, tag: str, out_dir: str, examples: int = 6) -
         continue
       with open(os.path.join(run, "config.json")) as f:
         config = distorted_mnist.get_config(cell)
-        fields = trainer.flatten_config(config.to_dict())
-        stored = trainer.flatten_config(json.load(f))
+        fields = workdir_files.flatten_config(config.to_dict())
+        stored = workdir_files.flatten_config(json.load(f))
         config.update_from_flattened_dict({k: v for k, v in stored.items() if k in fields})
       task = tasks.build_task(config)
       model = task.make_model(nnx.Rngs(0))
-      _, optimizer = trainer.make_schedule_and_optimizer(config)
-      graphdef, template = training.create_train_state(model, optimizer)
-      state = trainer.Checkpoints(run).restore(template)
-      model = nnx.merge(training.eval_graphdef(model), state.params, state.rest)
+      _, optimizer = optim.make_schedule_and_optimizer(config)
+      graphdef, template = steps.create_train_state(model, optimizer)
+      state = checkpoints.Checkpoints(run).restore(template)
+      model = nnx.merge(steps.eval_graphdef(model), state.params, state.rest)
       if inputs is None:
         inputs = jnp.asarray(task.test_set()[0][:examples])
       warped, params = model.st(inputs)

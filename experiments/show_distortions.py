@@ -18,7 +18,7 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from experiments.tasks import default_data_dir  # noqa: E402
+from stn_jax.tasks import default_data_dir  # noqa: E402
 from stn_jax import datasets, distortions  # noqa: E402
 
 

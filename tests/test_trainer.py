@@ -14,9 +14,8 @@ import optax
 import pytest
 from flax import nnx
 
-from experiments import tasks
-from experiments.configs import distorted_mnist
-from stn_jax import trainer, training
+from stn_jax import checkpoints, loop, optim, steps, tasks, workdir
+from stn_jax.configs import distorted_mnist
 from tests.multidevice import run_with_devices
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,8 +61,8 @@ def test_loss_falls_and_outputs_are_written(tmp_path):
                                                             "optimizer.learning_rate": 3e-3,
                                              "optimizer.schedule": "constant"})
   config.variant = "translated"  # 60x60, where the ST has work to do
-  results = trainer.train_and_evaluate(config, tasks.build_task(config), str(tmp_path))
-  records = trainer.read_metrics(str(tmp_path))
+  results = loop.train_and_evaluate(config, tasks.build_task(config), str(tmp_path))
+  records = workdir.read_metrics(str(tmp_path))
   train = [r for r in records if r["split"] == "train"]
   assert [r["step"] for r in train] == [20, 40, 60]
   assert train[-1]["loss"] < 0.6 * train[0]["loss"]
@@ -80,7 +79,7 @@ def test_loss_falls_and_outputs_are_written(tmp_path):
 
 def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
   config = tiny_config()
-  whole = trainer.train_and_evaluate(config, tasks.build_task(config), str(tmp_path / "whole"))
+  whole = loop.train_and_evaluate(config, tasks.build_task(config), str(tmp_path / "whole"))
 
   class Killed(Exception):
     pass
@@ -90,21 +89,21 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
       raise Killed
 
   with pytest.raises(Killed):
-    trainer.train_and_evaluate(config, tasks.build_task(config), str(tmp_path / "cut"),
+    loop.train_and_evaluate(config, tasks.build_task(config), str(tmp_path / "cut"),
                                hooks=[kill_at_5])
   assert sorted(os.listdir(tmp_path / "cut" / "checkpoints")) == ["2", "4"]
-  resumed = trainer.train_and_evaluate(config, tasks.build_task(config), str(tmp_path / "cut"))
+  resumed = loop.train_and_evaluate(config, tasks.build_task(config), str(tmp_path / "cut"))
   assert resumed["resumed_from_step"] == 4
   assert_same_params(params_of(whole), params_of(resumed))
-  steps = [(r["step"], r["split"]) for r in trainer.read_metrics(str(tmp_path / "cut"))]
-  assert len(steps) == len(set(steps))          # the killed run's extra lines are dropped
-  assert steps == [(r["step"], r["split"]) for r in trainer.read_metrics(str(tmp_path / "whole"))]
+  logged = [(r["step"], r["split"]) for r in workdir.read_metrics(str(tmp_path / "cut"))]
+  assert len(logged) == len(set(logged))          # the killed run's extra lines are dropped
+  assert logged == [(r["step"], r["split"]) for r in workdir.read_metrics(str(tmp_path / "whole"))]
 
 
 def test_resuming_a_finished_run_only_evaluates(tmp_path):
   config = tiny_config(steps=2)
-  first = trainer.train_and_evaluate(config, tasks.build_task(config), str(tmp_path))
-  again = trainer.train_and_evaluate(config, tasks.build_task(config), str(tmp_path))
+  first = loop.train_and_evaluate(config, tasks.build_task(config), str(tmp_path))
+  again = loop.train_and_evaluate(config, tasks.build_task(config), str(tmp_path))
   assert again["resumed_from_step"] == 2
   assert again["test_error"] == first["test_error"]
   assert_same_params(params_of(first), params_of(again))
@@ -112,15 +111,15 @@ def test_resuming_a_finished_run_only_evaluates(tmp_path):
 
 def test_a_different_config_in_the_workdir_is_refused(tmp_path):
   config = tiny_config(steps=2)
-  trainer.train_and_evaluate(config, tasks.build_task(config), str(tmp_path))
+  loop.train_and_evaluate(config, tasks.build_task(config), str(tmp_path))
   before = {p: os.path.getmtime(os.path.join(tmp_path, p)) for p in os.listdir(tmp_path)}
   changed = tiny_config(steps=2, seed=1)
-  with pytest.raises(trainer.ConfigMismatchError, match=r"seed: 0 in the work directory, 1 now"):
-    trainer.train_and_evaluate(changed, tasks.build_task(changed), str(tmp_path))
+  with pytest.raises(workdir.ConfigMismatchError, match=r"seed: 0 in the work directory, 1 now"):
+    loop.train_and_evaluate(changed, tasks.build_task(changed), str(tmp_path))
   assert before == {p: os.path.getmtime(os.path.join(tmp_path, p)) for p in os.listdir(tmp_path)}
   # Logging fields may change on resume.
   relaxed = tiny_config(steps=2, log_every=1, eval_every=1)
-  trainer.train_and_evaluate(relaxed, tasks.build_task(relaxed), str(tmp_path))
+  loop.train_and_evaluate(relaxed, tasks.build_task(relaxed), str(tmp_path))
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
@@ -133,25 +132,24 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
       yield (np.full_like(np.asarray(x), np.nan) if step == 3 else x), y
 
   task.train_batches = poisoned
-  with pytest.raises(trainer.NonFiniteLossError,
+  with pytest.raises(loop.NonFiniteLossError,
                      match=r"became nan at step 3; stopping; the last good checkpoint \(step 2\)"):
-    trainer.train_and_evaluate(config, task, str(tmp_path))
+    loop.train_and_evaluate(config, task, str(tmp_path))
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
-  restored = trainer.Checkpoints(str(tmp_path)).restore(
-      training.create_train_state(task.make_model(nnx.Rngs(0)),
-                                  trainer.make_schedule_and_optimizer(config)[1])[1])
+  restored = checkpoints.Checkpoints(str(tmp_path)).restore(
+      steps.create_train_state(task.make_model(nnx.Rngs(0)),
+                                  optim.make_schedule_and_optimizer(config)[1])[1])
   assert int(restored.step) == 2
   assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(restored.params))
 
 
 def test_batch_must_divide_by_the_devices(tmp_path):
   run_with_devices(f"""
-      from experiments import tasks
-      from stn_jax import trainer
+      from stn_jax import loop, tasks
       from tests.test_trainer import tiny_config
       config = tiny_config(batch_size=12)
       try:
-        trainer.train_and_evaluate(config, tasks.build_task(config), {str(tmp_path)!r})
+        loop.train_and_evaluate(config, tasks.build_task(config), {str(tmp_path)!r})
       except ValueError as e:
         assert "batch_size 12 must divide by the 8 devices" in str(e), e
         print("ok")
@@ -166,7 +164,7 @@ def test_padded_batches_count_each_example_once(n, batch, shards):
   images = np.arange(n, dtype=np.float32)[:, None]
   seen, batches = [], []
   for index in range(shards):
-    parts = list(training.padded_batches(images, images[:, 0], batch, shard=(index, shards)))
+    parts = list(steps.padded_batches(images, images[:, 0], batch, shard=(index, shards)))
     batches.append(len(parts))
     for x, y, mask in parts:
       assert len(x) == batch and len(mask) == batch
@@ -179,13 +177,12 @@ def test_evaluate_equals_a_direct_computation():
   rng = np.random.default_rng(0)
   images = rng.uniform(0, 1, (37, 28, 28, 1)).astype(np.float32)
   labels = rng.integers(0, 10, 37)
-  model = trainer.Task  # noqa: F841  (documentation of the API under test)
   net = tasks.models.DistortedMnistModel((28, 28), backbone="fcn", rngs=nnx.Rngs(0))
-  graphdef, state = training.create_train_state(net, optax.sgd(0.1))
-  result = trainer.evaluate(training.pmap_eval_step(graphdef), training.replicate(state),
+  graphdef, state = steps.create_train_state(net, optax.sgd(0.1))
+  result = loop.evaluate(steps.pmap_eval_step(graphdef), steps.replicate(state),
                             images, labels, batch_size=8)
   logits = net(jnp.asarray(images))
-  loss, correct = training.classification_terms(logits, labels)
+  loss, correct = steps.classification_terms(logits, labels)
   assert result["count"] == 37
   assert result["loss"] == pytest.approx(float(loss.mean()), rel=1e-5)
   assert result["error"] == pytest.approx(100 * (1 - float(correct.mean())))
@@ -194,7 +191,7 @@ def test_evaluate_equals_a_direct_computation():
 def test_sequence_terms():
   length_logits = jnp.asarray([[0.0, 5.0, 0.0], [0.0, 5.0, 0.0]])
   digit_logits = jnp.zeros((2, 1, 11)).at[:, 0, 3].set(5.0)
-  loss, correct = training.sequence_terms((length_logits, digit_logits),
+  loss, correct = steps.sequence_terms((length_logits, digit_logits),
                                           (jnp.asarray([1, 1]), jnp.asarray([[3], [4]])))
   assert correct.tolist() == [1.0, 0.0]
   assert loss[1] > loss[0] > 0
@@ -204,19 +201,19 @@ def test_sequence_terms():
 
 
 def test_step_schedule_and_localisation_scale():
-  schedule = training.learning_rate_schedule(0.01, schedule="step", decay_every=50,
+  schedule = optim.learning_rate_schedule(0.01, schedule="step", decay_every=50,
                                              decay_factor=0.1)
   assert [float(schedule(s)) for s in (0, 49, 50, 100)] == pytest.approx([0.01, 0.01, 1e-3, 1e-4])
   net = tasks.models.DistortedMnistModel((28, 28), backbone="fcn", transform="affine",
                                          rngs=nnx.Rngs(0))
   params = nnx.state(net, nnx.Param)
   grads = jax.tree.map(jnp.ones_like, params)
-  full = training.make_optimizer("sgd", optax.constant_schedule(1.0), momentum=0.0)
-  scaled = training.make_optimizer("sgd", optax.constant_schedule(1.0), momentum=0.0,
+  full = optim.make_optimizer("sgd", optax.constant_schedule(1.0), momentum=0.0)
+  scaled = optim.make_optimizer("sgd", optax.constant_schedule(1.0), momentum=0.0,
                                    localisation_lr_scale=0.1)
   u_full, _ = full.update(grads, full.init(params), params)
   u_scaled, _ = scaled.update(grads, scaled.init(params), params)
-  mask = jax.tree.leaves(training.localisation_mask(params))
+  mask = jax.tree.leaves(optim.localisation_mask(params))
   assert any(mask) and not all(mask)
   for inside, a, b in zip(mask, jax.tree.leaves(u_full), jax.tree.leaves(u_scaled)):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a) * (0.1 if inside else 1.0), rtol=1e-6)
@@ -229,30 +226,30 @@ def test_step_schedule_and_localisation_scale():
 def test_bad_optimizer_settings(bad, match):
   config = tiny_config(**{f"optimizer.{k}": v for k, v in bad.items()})
   with pytest.raises(ValueError, match=match):
-    trainer.make_schedule_and_optimizer(config)
+    optim.make_schedule_and_optimizer(config)
 
 
 def test_dropout_masks_differ_per_device_and_step():
   run_with_devices("""
       import jax, numpy as np
-      from stn_jax import training
-      keys = jax.pmap(lambda s: jax.random.key_data(training.step_rng(jax.random.key(0), s,
-                      training.AXIS)), axis_name=training.AXIS)(np.zeros(4, np.int32))
+      from stn_jax import steps
+      keys = jax.pmap(lambda s: jax.random.key_data(steps.step_rng(jax.random.key(0), s,
+                      steps.AXIS)), axis_name=steps.AXIS)(np.zeros(4, np.int32))
       assert len({tuple(k) for k in np.asarray(keys)}) == 4
-      later = jax.pmap(lambda s: jax.random.key_data(training.step_rng(jax.random.key(0), s,
-                       training.AXIS)), axis_name=training.AXIS)(np.ones(4, np.int32))
+      later = jax.pmap(lambda s: jax.random.key_data(steps.step_rng(jax.random.key(0), s,
+                       steps.AXIS)), axis_name=steps.AXIS)(np.ones(4, np.int32))
       assert not np.array_equal(np.asarray(keys), np.asarray(later))
       print("ok")
   """, num_devices=4)
 
 
 def test_dropout_model_trains_under_pmap(tmp_path):
-  from experiments.configs import sequences
+  from stn_jax.configs import sequences
   config = sequences.get_config("st_cnn_single")
   config.update(dict(data="synthetic", synthetic_examples=256, steps=2, batch_size=8,
                      eval_batch_size=32, log_every=1, eval_every=2, checkpoint_every=2,
                      figure_examples=2, progress=False, canvas=32, max_digits=2))
-  results = trainer.train_and_evaluate(config, tasks.build_task(config), str(tmp_path))
+  results = loop.train_and_evaluate(config, tasks.build_task(config), str(tmp_path))
   assert results["test_examples"] == 64 and 0 <= results["test_error"] <= 100
   assert (tmp_path / "transformers.png").exists()
 
@@ -269,11 +266,10 @@ def test_two_processes_with_jax_distributed_end_identical(tmp_path):
       pid = int(sys.argv[1])
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
       jax.distributed.initialize("127.0.0.1:{port}", num_processes=2, process_id=pid)
-      from experiments import tasks
-      from stn_jax import trainer
+      from stn_jax import loop, tasks
       from tests.test_trainer import tiny_config
       config = tiny_config(steps=3, checkpoint_every=3, eval_every=3)
-      results = trainer.train_and_evaluate(config, tasks.build_task(config), {str(tmp_path / 'run')!r})
+      results = loop.train_and_evaluate(config, tasks.build_task(config), {str(tmp_path / 'run')!r})
       leaves = [np.asarray(x) for x in jax.tree.leaves(results["state"].params)]
       np.savez({str(tmp_path)!r} + f"/params{{pid}}.npz", *leaves)
       print("error", results["test_error"], "devices", jax.device_count())
@@ -295,7 +291,7 @@ def test_two_processes_with_jax_distributed_end_identical(tmp_path):
     np.testing.assert_array_equal(a[k], b[k])
   # The same global batch on one process and one device gives the same parameters.
   config = tiny_config(steps=3, checkpoint_every=3, eval_every=3)
-  single = trainer.train_and_evaluate(config, tasks.build_task(config), str(tmp_path / "one"))
+  single = loop.train_and_evaluate(config, tasks.build_task(config), str(tmp_path / "one"))
   for k, leaf in zip(a.files, params_of(single)):
     np.testing.assert_allclose(a[k], np.asarray(leaf), atol=2e-5, rtol=1e-4)
 
@@ -324,7 +320,7 @@ def test_cli_trains_and_resumes(tmp_path):
 
 
 def test_cli_rejects_unknown_names_and_fields(tmp_path):
-  unknown = cli("--config=experiments/configs/distorted_mnist.py:st_cnn_rts", f"--workdir={tmp_path}")
+  unknown = cli("--config=distorted_mnist:st_cnn_rts", f"--workdir={tmp_path}")
   assert unknown.returncode != 0
   assert "unknown distorted_mnist config 'st_cnn_rts'; choose one of: fcn_r" in unknown.stderr
   field = cli("--config=experiments/configs/distorted_mnist.py:cnn_r", f"--workdir={tmp_path}",
@@ -337,11 +333,11 @@ def test_cli_rejects_unknown_names_and_fields(tmp_path):
                                     "sequences", "svhn", "cub"])
 def test_every_config_builds(family):
   import importlib
-  module = importlib.import_module(f"experiments.configs.{family}")
+  module = importlib.import_module(f"stn_jax.configs.{family}")
   for name in module.NAMES:
     config = module.get_config(name)
     assert config.name == name and config.task in tasks.TASKS
-    trainer.make_schedule_and_optimizer(config)
+    optim.make_schedule_and_optimizer(config)
   with pytest.raises(ValueError, match=f"unknown {family} config 'nope'"):
     module.get_config("nope")
 
@@ -355,7 +351,7 @@ def test_every_config_builds(family):
 ])
 def test_tasks_make_batches_the_model_reads(family, name, shape):
   import importlib
-  config = importlib.import_module(f"experiments.configs.{family}").get_config(name)
+  config = importlib.import_module(f"stn_jax.configs.{family}").get_config(name)
   config.data, config.synthetic_examples, config.batch_size = "synthetic", 64, 8
   task = tasks.build_task(config)
   x, y = next(task.train_batches(0))
@@ -369,7 +365,7 @@ def test_tasks_make_batches_the_model_reads(family, name, shape):
 
 
 def test_missing_data_is_a_clear_error(tmp_path):
-  from experiments.configs import svhn
+  from stn_jax.configs import svhn
   config = svhn.get_config("cnn")
   config.data_dir = str(tmp_path)
   with pytest.raises(FileNotFoundError, match="svhn_cropped"):

@@ -3,14 +3,14 @@
   python -m experiments.benchmarks.train_step [--config st_cnn_affine_rts] [--batch 256]
 
 Both sides run the same network (Table 1's ST-CNN from
-experiments/configs/distorted_mnist.py: CNN localisation net conv(20, 5x5)-
+stn_jax/configs/distorted_mnist.py: CNN localisation net conv(20, 5x5)-
 maxpool-conv(20, 5x5)-FC(20)-regression to the transform, affine grid,
 bilinear sampling with zero padding, average-pool by 2 for RTS, then the
 CNN conv(32, 9x9)-maxpool-conv(32, 7x7)-maxpool-linear), the same batch,
 and SGD with momentum, in one process with their steps interleaved
 (:func:`experiments.benchmarks.sampler.time_interleaved`); the report is the
 median step time and images per second of each and their ratio. stn_jax's
-step is the jitted step of :mod:`stn_jax.training`, as the trainer runs it.
+step is the jitted step of :mod:`stn_jax.steps`, as the loop runs it.
 Set OMP_WAIT_POLICY=PASSIVE (done here when unset) so that PyTorch's OpenMP
 threads do not spin between its steps and steal stn_jax's cores.
 """
@@ -27,10 +27,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from experiments import tasks  # noqa: E402
 from experiments.benchmarks.sampler import environment_line, time_interleaved  # noqa: E402
-from experiments.configs import distorted_mnist  # noqa: E402
-from stn_jax import distortions, host_memory, trainer, training  # noqa: E402
+from stn_jax.configs import distorted_mnist  # noqa: E402
+from stn_jax import distortions, host_memory, optim, steps, tasks  # noqa: E402
 
 
 def torch_st_cnn(in_hw, post_pool: int, transform: str):
@@ -95,11 +94,11 @@ def main(argv=None):
   # stn_jax: the trainer's step (pmap over the one local CPU device, state donated).
   config.data = "synthetic"
   task = tasks.build_task(config)
-  _, optimizer = trainer.make_schedule_and_optimizer(config)
-  graphdef, state = training.create_train_state(task.make_model(nnx.Rngs(0)), optimizer)
-  step = training.pmap_train_step(graphdef, optimizer, terms=task.terms)
-  box = {"state": training.replicate(state)}
-  x, y = training.shard_batch((images, labels))
+  _, optimizer = optim.make_schedule_and_optimizer(config)
+  graphdef, state = steps.create_train_state(task.make_model(nnx.Rngs(0)), optimizer)
+  step = steps.pmap_train_step(graphdef, optimizer, terms=task.terms)
+  box = {"state": steps.replicate(state)}
+  x, y = steps.shard_batch((images, labels))
   key = jax.random.key(0)
 
   def jax_step():

@@ -1,7 +1,7 @@
 """The training loop: data-parallel steps, evaluation, checkpoints, metrics, figure.
 
 :func:`train_and_evaluate` runs unchanged on one CPU, several GPUs and
-multi-host TPU slices: the steps of :mod:`stn_jax.training` run under
+multi-host TPU slices: the steps of :mod:`stn_jax.steps` run under
 ``jax.pmap`` over the local devices, each process feeds its own devices with
 its own shard of every global batch (``Task.train_batches`` yields that
 shard), and gradients are averaged over all devices of all processes.
@@ -36,18 +36,11 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
-from stn_jax import training
-
-# Config fields that may change when a run is resumed (they do not change the result).
-RESUMABLE_FIELDS = ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
-                    "progress", "figure_examples", "eval_batch_size", "data_dir")
-
-
-class ConfigMismatchError(ValueError):
-  """The work directory holds a run of a different configuration."""
+from stn_jax import checkpoints as checkpoints_lib
+from stn_jax import optim, steps
+from stn_jax import workdir as workdir_files
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -56,7 +49,7 @@ class NonFiniteLossError(FloatingPointError):
 
 @dataclasses.dataclass
 class Task:
-  """What the loop trains and on what (built from a config by ``experiments.tasks``).
+  """What the loop trains and on what (built from a config by :mod:`stn_jax.tasks`).
 
   Attributes:
     make_model: ``rngs -> nnx.Module``; called once with ``nnx.Rngs(params=seed, dropout=seed)``.
@@ -64,154 +57,16 @@ class Task:
       ``(images, labels)`` of each global training batch, from ``start_step``
       on; it must be a pure function of the step (for exact resumption).
     test_set: ``() -> (images [N, ...], labels)`` the whole test set (labels may be a pytree).
-    terms: per-example loss terms (:func:`stn_jax.training.classification_terms`).
+    terms: per-example loss terms (:func:`stn_jax.steps.classification_terms`).
     views: ``(model, images) -> (outputs, grids, titles)`` for the figure,
       or ``None`` for models without a spatial transformer.
   """
   make_model: Callable[[nnx.Rngs], nnx.Module]
   train_batches: Callable[[int], Iterator[tuple[Any, Any]]]
   test_set: Callable[[], tuple[np.ndarray, Any]]
-  terms: training.Terms = training.classification_terms
+  terms: steps.Terms = steps.classification_terms
   views: Optional[Callable[[nnx.Module, jax.Array], tuple]] = None
 
-
-# --- Configuration bookkeeping ------------------------------------------------------------
-
-
-def flatten_config(tree: dict, prefix: str = "") -> dict:
-  """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: the dotted field names of a nested config dict."""
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(flatten_config(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
-
-
-def config_to_dict(config) -> dict:
-  """A JSON-able dict of an ``ml_collections.ConfigDict`` (or a plain dict)."""
-  d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-  return json.loads(json.dumps(d, default=str))
-
-
-def check_config_matches(workdir: str, config: dict) -> None:
-  """Raises :class:`ConfigMismatchError` when ``workdir`` holds a different run.
-
-  Fields in :data:`RESUMABLE_FIELDS` may differ. A work directory with
-  checkpoints but no ``config.json`` is refused too.
-  """
-  path = os.path.join(workdir, "config.json")
-  ckpt = os.path.join(workdir, "checkpoints")
-  if not os.path.exists(path):
-    if os.path.isdir(ckpt) and os.listdir(ckpt):
-      raise ConfigMismatchError(f"{workdir} holds checkpoints but no config.json; "
-                                "use a new --workdir.")
-    return
-  with open(path) as f:
-    stored = flatten_config(json.load(f))
-  current = flatten_config(config)
-  differ = sorted(k for k in set(stored) | set(current)
-                  if k.split(".")[0] not in RESUMABLE_FIELDS and stored.get(k) != current.get(k))
-  if differ:
-    lines = [f"  {k}: {stored.get(k, '<absent>')!r} in the work directory, "
-             f"{current.get(k, '<absent>')!r} now" for k in differ]
-    raise ConfigMismatchError(
-        f"{workdir} holds a run of a different configuration; nothing was changed.\n"
-        + "\n".join(lines) + "\nUse a new --workdir, or the stored configuration to resume.")
-
-
-# --- Checkpoints --------------------------------------------------------------------------
-
-
-def _is_key(x) -> bool:
-  return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
-
-
-def _to_saveable(tree):
-  """Host NumPy copy with typed PRNG keys stored as their raw ``uint32`` data."""
-  return jax.tree.map(lambda x: np.asarray(jax.random.key_data(x) if _is_key(x) else x),
-                      jax.device_get(tree))
-
-
-def _from_saveable(tree, template):
-  return jax.tree.map(
-      lambda x, t: jax.random.wrap_key_data(x, impl=jax.random.key_impl(t)) if _is_key(t)
-      else jnp.asarray(x), tree, template)
-
-
-class Checkpoints:
-  """Orbax checkpoints of a :class:`~stn_jax.training.TrainState` under ``<workdir>/checkpoints``."""
-
-  def __init__(self, workdir: str, keep: int = 2):
-    import orbax.checkpoint as ocp
-    self._ocp = ocp
-    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    self.manager = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
-
-  def latest_step(self) -> Optional[int]:
-    return self.manager.latest_step()
-
-  def save(self, state: training.TrainState) -> None:
-    step = int(state.step)
-    if step in self.manager.all_steps():
-      return
-    self.manager.save(step, args=self._ocp.args.StandardSave(_to_saveable(state)))
-    self.manager.wait_until_finished()
-
-  def restore(self, template: training.TrainState, step: Optional[int] = None):
-    step = self.latest_step() if step is None else step
-    abstract = _to_saveable(template)
-    restored = self.manager.restore(step, args=self._ocp.args.StandardRestore(abstract))
-    return _from_saveable(restored, template)
-
-  def close(self) -> None:
-    self.manager.close()
-
-
-# --- Metrics ------------------------------------------------------------------------------
-
-
-class MetricWriter:
-  """JSON lines (``metrics.jsonl``) and TensorBoard summaries; silent off process 0."""
-
-  def __init__(self, workdir: str, *, enabled: bool, resume_step: int = 0):
-    self.enabled = enabled
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    self._tb = None
-    if not enabled:
-      return
-    if os.path.exists(self.path):  # Drop what a killed run logged after its last checkpoint.
-      with open(self.path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
-      with open(self.path, "w") as f:
-        f.writelines(kept)
-    try:
-      from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
-    except ImportError:  # pragma: no cover - tensorboardX is a dependency
-      print("tensorboardX is not installed: no TensorBoard summaries.", file=sys.stderr)
-
-  def write(self, step: int, split: str, values: dict) -> None:
-    if not self.enabled:
-      return
-    record = {"step": int(step), "split": split, **{k: float(x) for k, x in values.items()}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
-    if self._tb is not None:
-      for key, x in values.items():
-        self._tb.add_scalar(f"{split}/{key}", float(x), int(step))
-
-  def close(self) -> None:
-    if self._tb is not None:
-      self._tb.close()
-
-
-def read_metrics(workdir: str) -> list[dict]:
-  """The records of ``<workdir>/metrics.jsonl``."""
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f if line.strip()]
 
 
 class _Progress:
@@ -245,30 +100,6 @@ class _Progress:
 
 # --- The loop -----------------------------------------------------------------------------
 
-
-def make_schedule_and_optimizer(config):
-  """``(schedule, optimizer)`` from ``config.optimizer`` and ``config.steps``.
-
-  ``config.optimizer``: ``name`` ('sgd' or 'adam'), ``learning_rate``,
-  ``schedule`` ('constant', 'step', 'cosine'), for 'step' either
-  ``decay_every`` (steps) or ``decay_fraction`` (of ``config.steps``, so a
-  reduced budget keeps the paper's shape) and ``decay_factor``; optional
-  ``warmup_steps``, ``momentum``, ``weight_decay``,
-  ``localisation_lr_scale``, ``grad_clip_norm``.
-  """
-  o = config.optimizer
-  schedule = training.learning_rate_schedule(
-      o.learning_rate, schedule=o.schedule, total_steps=config.steps,
-      decay_every=o.get("decay_every", 0) or round(o.get("decay_fraction", 0.0) * config.steps),
-      decay_factor=o.get("decay_factor", 0.1),
-      warmup_steps=o.get("warmup_steps", 0))
-  optimizer = training.make_optimizer(
-      o.name, schedule, momentum=o.get("momentum", 0.9), weight_decay=o.get("weight_decay", 0.0),
-      localisation_lr_scale=o.get("localisation_lr_scale", 1.0),
-      grad_clip_norm=o.get("grad_clip_norm", 0.0))
-  return schedule, optimizer
-
-
 def evaluate(eval_step, state, images, labels, *, batch_size: int) -> dict:
   """Loss, accuracy and error (%) over a whole set, each example counted once.
 
@@ -281,10 +112,10 @@ def evaluate(eval_step, state, images, labels, *, batch_size: int) -> dict:
                      f"{count * jax.local_device_count()} devices.")
   local = batch_size // count
   totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
-  for x, y, mask in training.padded_batches(images, labels, local,
+  for x, y, mask in steps.padded_batches(images, labels, local,
                                             shard=(jax.process_index(), count)):
-    sums = eval_step(state, *training.shard_batch((x, y, mask)))
-    for k, value in jax.device_get(training.unreplicate(sums)).items():
+    sums = eval_step(state, *steps.shard_batch((x, y, mask)))
+    for k, value in jax.device_get(steps.unreplicate(sums)).items():
       totals[k] += float(value)
   n = totals["count"]
   return {"loss": totals["loss"] / n, "accuracy": totals["correct"] / n,
@@ -304,7 +135,7 @@ def describe_machine() -> str:
   return f"{os.cpu_count()}-core CPU ({model})"
 
 
-def _check_finite(metrics: dict, step: int, checkpoints: Checkpoints) -> None:
+def _check_finite(metrics: dict, step: int, checkpoints: checkpoints_lib.Checkpoints) -> None:
   loss = float(metrics["loss"])
   if not math.isfinite(loss):
     last = checkpoints.latest_step()
@@ -314,11 +145,11 @@ def _check_finite(metrics: dict, step: int, checkpoints: Checkpoints) -> None:
 
 
 def train_and_evaluate(config, task: Task, workdir: str, *,
-                       hooks: Sequence[Callable[[int, training.TrainState], None]] = ()) -> dict:
+                       hooks: Sequence[Callable[[int, steps.TrainState], None]] = ()) -> dict:
   """Trains ``task`` as ``config`` says, resuming from ``workdir``'s newest checkpoint.
 
   ``config`` (an ``ml_collections.ConfigDict``) needs ``seed``, ``steps``,
-  ``batch_size`` (global), ``optimizer`` (see :func:`make_schedule_and_optimizer`),
+  ``batch_size`` (global), ``optimizer`` (see :func:`stn_jax.optim.make_schedule_and_optimizer`),
   ``eval_every``, ``eval_batch_size``, ``log_every``, ``checkpoint_every``
   and may have ``keep_checkpoints``, ``progress``, ``figure_examples``.
   ``hooks`` are called as ``hook(step, state)`` after every step (tests use
@@ -326,8 +157,8 @@ def train_and_evaluate(config, task: Task, workdir: str, *,
   """
   started = time.time()
   primary = jax.process_index() == 0
-  config_dict = config_to_dict(config)
-  check_config_matches(workdir, config_dict)
+  config_dict = workdir_files.config_to_dict(config)
+  workdir_files.check_config_matches(workdir, config_dict)
   os.makedirs(workdir, exist_ok=True)
   if primary:
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -341,23 +172,23 @@ def train_and_evaluate(config, task: Task, workdir: str, *,
 
   seed = config.seed
   model = task.make_model(nnx.Rngs(params=seed, dropout=seed))
-  schedule, optimizer = make_schedule_and_optimizer(config)
-  graphdef, state = training.create_train_state(model, optimizer)
-  eval_graph = training.eval_graphdef(model)
+  schedule, optimizer = optim.make_schedule_and_optimizer(config)
+  graphdef, state = steps.create_train_state(model, optimizer)
+  eval_graph = steps.eval_graphdef(model)
 
-  checkpoints = Checkpoints(workdir, keep=config.get("keep_checkpoints", 2))
+  checkpoints = checkpoints_lib.Checkpoints(workdir, keep=config.get("keep_checkpoints", 2))
   start_step = checkpoints.latest_step() or 0
   if start_step:
     state = checkpoints.restore(state, start_step)
-  writer = MetricWriter(workdir, enabled=primary, resume_step=start_step)
+  writer = workdir_files.MetricWriter(workdir, enabled=primary, resume_step=start_step)
   progress = _Progress(config.steps, start_step, primary, config.get("progress", True))
   progress.log(f"{'resuming at' if start_step else 'starting at'} step {start_step} of "
                f"{config.steps}; {jax.process_count()} process(es) x {num_local} "
                f"{jax.devices()[0].device_kind} device(s); global batch {global_batch}; "
                f"{sum(x.size for x in jax.tree.leaves(state.params)):,} parameters")
 
-  train_step = training.pmap_train_step(graphdef, optimizer, terms=task.terms)
-  eval_step = training.pmap_eval_step(eval_graph, terms=task.terms)
+  train_step = steps.pmap_train_step(graphdef, optimizer, terms=task.terms)
+  eval_step = steps.pmap_eval_step(eval_graph, terms=task.terms)
   rng = jax.random.key(seed)
   test_images, test_labels = task.test_set()
 
@@ -371,7 +202,7 @@ def train_and_evaluate(config, task: Task, workdir: str, *,
                  f"{time.time() - t0:.1f} s)")
     return result
 
-  replicated = training.replicate(state, num_local)
+  replicated = steps.replicate(state, num_local)
   del state
   batches = task.train_batches(start_step)
   pending = None            # (step, metrics) of the last dispatched step, not yet checked.
@@ -381,10 +212,10 @@ def train_and_evaluate(config, task: Task, workdir: str, *,
   try:
     for step in range(start_step, config.steps):
       images, labels = next(batches)
-      x, y = training.shard_batch((images, labels), num_local)
+      x, y = steps.shard_batch((images, labels), num_local)
       replicated, metrics = train_step(replicated, x, y, rng)
       if pending is not None:        # Check the previous step while this one runs.
-        _check_finite(jax.device_get(training.unreplicate(pending[1])), pending[0], checkpoints)
+        _check_finite(jax.device_get(steps.unreplicate(pending[1])), pending[0], checkpoints)
       pending = (step, metrics)
       done = step + 1
       for hook in hooks:
@@ -392,7 +223,7 @@ def train_and_evaluate(config, task: Task, workdir: str, *,
       host = None
       is_last = done == config.steps
       if done % config.log_every == 0 or is_last or done % config.checkpoint_every == 0:
-        host = jax.device_get(training.unreplicate(metrics))
+        host = jax.device_get(steps.unreplicate(metrics))
         _check_finite(host, step, checkpoints)
         pending = None
       progress.update(1)
@@ -414,7 +245,7 @@ def train_and_evaluate(config, task: Task, workdir: str, *,
         window["excluded_s"] += time.time() - t0
       if done % config.checkpoint_every == 0 or is_last:
         t0 = time.time()
-        checkpoints.save(training.unreplicate(replicated))
+        checkpoints.save(steps.unreplicate(replicated))
         window["excluded_s"] += time.time() - t0
     if result is None:   # Resumed a finished run: evaluate its final state.
       result = run_eval(replicated, config.steps)
@@ -423,7 +254,7 @@ def train_and_evaluate(config, task: Task, workdir: str, *,
     writer.close()
     checkpoints.close()
 
-  final = jax.device_get(training.unreplicate(replicated))
+  final = jax.device_get(steps.unreplicate(replicated))
   results = {
       "test_error": round(result["error"], 4), "test_loss": round(result["loss"], 6),
       "test_examples": int(result["count"]), "steps": config.steps,

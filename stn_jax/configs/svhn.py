@@ -10,7 +10,7 @@ machines). Batch 128 and SGD 0.01 with step decay are our choices.
 
 from __future__ import annotations
 
-from experiments.configs import common
+from stn_jax.configs import common
 
 NAMES = ("cnn", "st_cnn_single", "st_cnn_multi")
 

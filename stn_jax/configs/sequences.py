@@ -9,7 +9,7 @@ SVHN training used SGD with dropout; batch 128 here is our choice.
 
 from __future__ import annotations
 
-from experiments.configs import common
+from stn_jax.configs import common
 
 NAMES = ("cnn", "st_cnn_single", "st_cnn_multi")
 

@@ -1,4 +1,4 @@
-"""Builds a :class:`stn_jax.trainer.Task` (model, data streams, loss) from a config.
+"""Builds a :class:`stn_jax.loop.Task` (model, data streams, loss) from a config.
 
 ``config.task`` selects the family: ``distorted_mnist`` (Table 1 and the
 translated/cluttered variants), ``mnist_addition``, ``sequences``, ``svhn``,
@@ -13,12 +13,10 @@ import os
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from stn_jax import datasets, distortions, models, training
-from stn_jax.trainer import Task
+from stn_jax import datasets, distortions, models, steps
+from stn_jax.loop import Task
 
 TASKS = ("distorted_mnist", "mnist_addition", "sequences", "svhn", "cub")
 
@@ -77,7 +75,7 @@ def distorted_mnist(config) -> Task:
   views = None
   if config.transform:
     views = lambda model, x: _transformer_views([model.st], [x])  # noqa: E731
-  return Task(make_model, train_batches, test_set, training.classification_terms, views)
+  return Task(make_model, train_batches, test_set, steps.classification_terms, views)
 
 
 # --- MNIST addition ---------------------------------------------------------------------
@@ -121,7 +119,7 @@ def mnist_addition(config) -> Task:
   if config.transform:
     views = lambda model, x: _transformer_views(model.parallel.transformers,  # noqa: E731
                                                 [x] * len(model.parallel.transformers))
-  return Task(make_model, train_batches, test_set, training.classification_terms, views)
+  return Task(make_model, train_batches, test_set, steps.classification_terms, views)
 
 
 # --- Multi-digit sequences (MNIST stand-in for SVHN) and SVHN -----------------------------
@@ -168,7 +166,7 @@ def sequences(config) -> Task:
                            seed=config.test_seed, step=0, shard=slice(None))
 
   views = _multi_digit_views if config.st else None
-  return Task(make_model, train_batches, test_set, training.sequence_terms, views)
+  return Task(make_model, train_batches, test_set, steps.sequence_terms, views)
 
 
 def _as_sequences(labels):
@@ -197,7 +195,7 @@ def svhn(config) -> Task:
     return test_images.astype(np.float32) / 255.0, _as_sequences(test_labels)
 
   views = _multi_digit_views if config.st else None
-  return Task(make_model, train_batches, test_set, training.sequence_terms, views)
+  return Task(make_model, train_batches, test_set, steps.sequence_terms, views)
 
 
 # --- CUB-200 ------------------------------------------------------------------------------
@@ -235,11 +233,11 @@ def cub(config) -> Task:
   if config.num_transformers:
     views = lambda model, x: _transformer_views(  # noqa: E731
         model.parallel.transformers, [x] * config.num_transformers)
-  return Task(make_model, train_batches, test_set, training.classification_terms, views)
+  return Task(make_model, train_batches, test_set, steps.classification_terms, views)
 
 
 def build_task(config) -> Task:
-  """The :class:`~stn_jax.trainer.Task` named by ``config.task``."""
+  """The :class:`~stn_jax.loop.Task` named by ``config.task``."""
   builders = {"distorted_mnist": distorted_mnist, "mnist_addition": mnist_addition,
               "sequences": sequences, "svhn": svhn, "cub": cub}
   if config.task not in builders:

@@ -1,4 +1,4 @@
-"""The pure, data-parallel training and evaluation steps, and optimisers.
+"""The pure, data-parallel training and evaluation steps, and their device plumbing.
 
 A model is split once into a static graph definition and plain state; the
 steps are pure functions of ``(state, batch, rng)`` so that they run under
@@ -10,8 +10,8 @@ Loss functions are *per example*: ``terms(outputs, labels) -> (loss [B],
 correct [B])``. Training averages them; evaluation sums them under a mask, so
 that a padded last batch counts each real example exactly once.
 
-The loop around these steps (evaluation schedule, checkpoints, metrics) is
-:mod:`stn_jax.trainer`.
+Optimisers and schedules are :mod:`stn_jax.optim`; the loop around these
+steps (evaluation schedule, checkpoints, metrics) is :mod:`stn_jax.loop`.
 """
 
 from __future__ import annotations
@@ -24,13 +24,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from stn_jax import _validation as v
-
 AXIS = "devices"
-OPTIMIZERS = ("sgd", "adam")
-SCHEDULES = ("constant", "step", "cosine")
-# Parameters under a module attribute of this name belong to a localisation net.
-LOCALISATION_KEY = "localisation"
 
 Terms = Callable[[Any, Any], tuple[jax.Array, jax.Array]]
 
@@ -88,71 +82,6 @@ def sequence_terms(outputs, labels):
              & jnp.all(jnp.argmax(digit_logits, -1) == digits, -1))
   return loss, correct.astype(jnp.float32)
 
-
-def classification_loss(logits, labels):
-  """Mean softmax cross entropy and accuracy for integer labels (``(loss, metrics)``)."""
-  loss, correct = classification_terms(logits, labels)
-  return loss.mean(), {"loss": loss.mean(), "accuracy": correct.mean()}
-
-
-# --- Optimisers ---------------------------------------------------------------------------
-
-
-def learning_rate_schedule(learning_rate: float, *, schedule: str = "constant",
-                           total_steps: int = 1, decay_every: int = 0,
-                           decay_factor: float = 0.1, warmup_steps: int = 0) -> optax.Schedule:
-  """A learning-rate schedule.
-
-  ``'step'``: multiplied by ``decay_factor`` every ``decay_every`` steps (the
-  paper: x0.1 every 50k of 150k steps); ``'cosine'``: cosine decay to 0 over
-  ``total_steps``; ``'constant'``. ``warmup_steps`` adds a linear warm-up.
-  """
-  v.check_choice("schedule", schedule, SCHEDULES)
-  if schedule == "step":
-    if decay_every <= 0:
-      raise ValueError(f"schedule 'step' needs decay_every > 0; got {decay_every}.")
-    base = optax.exponential_decay(learning_rate, decay_every, decay_factor, staircase=True)
-  elif schedule == "cosine":
-    base = optax.cosine_decay_schedule(learning_rate, max(total_steps - warmup_steps, 1))
-  else:
-    base = optax.constant_schedule(learning_rate)
-  if warmup_steps > 0:
-    return optax.join_schedules([optax.linear_schedule(0.0, learning_rate, warmup_steps), base],
-                                [warmup_steps])
-  return base
-
-
-def localisation_mask(params) -> Any:
-  """``True`` for each parameter inside a localisation net (a path through ``localisation``)."""
-  def inside(path, _):
-    return any(getattr(k, "key", getattr(k, "name", None)) == LOCALISATION_KEY for k in path)
-  return jax.tree_util.tree_map_with_path(inside, params)
-
-
-def make_optimizer(name: str, schedule: optax.Schedule, *, momentum: float = 0.9,
-                   weight_decay: float = 0.0, localisation_lr_scale: float = 1.0,
-                   grad_clip_norm: float = 0.0) -> optax.GradientTransformation:
-  """An optax optimiser: ``'sgd'`` (with momentum) or ``'adam'``.
-
-  ``weight_decay`` is L2 added to the gradient (as in the paper's era of
-  SGD); ``localisation_lr_scale`` multiplies the updates of every
-  localisation-net parameter (the paper lowers the localisation nets'
-  learning rate for some transformers); ``grad_clip_norm > 0`` clips the
-  global gradient norm.
-  """
-  v.check_choice("optimizer", name, OPTIMIZERS)
-  parts = []
-  if grad_clip_norm > 0:
-    parts.append(optax.clip_by_global_norm(grad_clip_norm))
-  if weight_decay > 0:
-    parts.append(optax.add_decayed_weights(weight_decay))
-  if name == "sgd":
-    parts.append(optax.sgd(schedule, momentum=momentum or None))
-  else:
-    parts.append(optax.adam(schedule))
-  if localisation_lr_scale != 1.0:
-    parts.append(optax.masked(optax.scale(localisation_lr_scale), localisation_mask))
-  return optax.chain(*parts)
 
 
 # --- Steps --------------------------------------------------------------------------------

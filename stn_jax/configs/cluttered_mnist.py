@@ -7,7 +7,7 @@ A reference point: MatConvNet's spatial-transformer example reports 5.7%
 
 from __future__ import annotations
 
-from experiments.configs import common
+from stn_jax.configs import common
 
 NAMES = tuple(f"{m}_{d}" for m in ("cnn", "st_cnn_affine", "st_cnn_attention")
               for d in ("translated", "cluttered"))

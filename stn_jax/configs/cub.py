@@ -10,7 +10,7 @@ data (TFDS ``caltech_birds2011``) must be prepared first.
 
 from __future__ import annotations
 
-from experiments.configs import common
+from stn_jax.configs import common
 
 NAMES = ("cnn_224", "st2_448", "st4_448")
 

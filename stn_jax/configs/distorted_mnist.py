@@ -11,7 +11,7 @@ classifier (the paper); the others are 28x28.
 
 from __future__ import annotations
 
-from experiments.configs import common
+from stn_jax.configs import common
 
 MODELS = {
     "fcn": ("fcn", None), "cnn": ("cnn", None),

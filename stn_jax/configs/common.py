@@ -1,8 +1,8 @@
 """Settings shared by every experiment family, and name lookup.
 
-A config file ``experiments/configs/<family>.py`` defines ``NAMES`` and
-``get_config(name)``; ``python -m experiments.train
---config=experiments/configs/<family>.py:<name>`` selects one, and
+A family module ``stn_jax/configs/<family>.py`` defines ``NAMES`` and
+``get_config(name)``; ``python -m experiments.train --config=<family>:<name>``
+selects one (:func:`stn_jax.configs.get_config`), and
 ``--config.<field>=<value>`` overrides any field that exists.
 """
 
@@ -14,7 +14,7 @@ import ml_collections
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """Loop settings (:func:`stn_jax.trainer.train_and_evaluate`) with the paper's optimiser.
+  """Loop settings (:func:`stn_jax.loop.train_and_evaluate`) with the paper's optimiser.
 
   Optimiser: SGD, base learning rate 0.01 divided by 10 at each third of the
   run (150k steps, steps of 50k in the paper's appendix as recorded in

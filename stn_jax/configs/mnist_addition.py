@@ -6,7 +6,7 @@ parallel transformers). The distortion is RTS (42x42) for both digits.
 
 from __future__ import annotations
 
-from experiments.configs import common
+from stn_jax.configs import common
 
 NAMES = ("fcn", "st_fcn_affine", "st_fcn_tps")
 
