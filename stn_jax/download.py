@@ -266,8 +266,15 @@ def prepare_mnist(data_dir: Optional[str] = None, *, mirror: Optional[str] = Non
                               files=files or MNIST_FILES, timeout=timeout)
     _check_pairs(arrays)
     builder = MnistFromArrays(arrays, data_dir=directory, file_format="array_record")
-    builder.download_and_prepare(
-        download_dir=downloads,
-        download_config=tfds.download.DownloadConfig(
-            compute_stats=tfds.download.ComputeStatsMode.SKIP))
+    quiet = not sys.stderr.isatty()   # TFDS's progress bars are noise in a log file.
+    if quiet:
+      tfds.disable_progress_bar()
+    try:
+      builder.download_and_prepare(
+          download_dir=downloads,
+          download_config=tfds.download.DownloadConfig(
+              compute_stats=tfds.download.ComputeStatsMode.SKIP))
+    finally:
+      if quiet:
+        tfds.enable_progress_bar()
   return builder_dir
