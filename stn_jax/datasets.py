@@ -9,7 +9,7 @@ MNIST on first use: when ``mnist`` is not prepared there, :func:`load_mnist`
 downloads the four standard files (about 11 MB) and prepares TFDS's ``mnist``
 in that directory itself, without TensorFlow (:mod:`stn_jax.download`; mirror:
 ``$STN_JAX_MNIST_MIRROR``); later runs read it offline. ``download=False``, or
-``STN_JAX_DOWNLOAD=0`` in the environment (the CLI's ``--no_download``),
+``STN_JAX_DOWNLOAD=0`` in the environment (the CLI's ``--nodownload``),
 forbids that. Other data sets (SVHN, CUB) are downloaded by TFDS itself only
 with ``download=True`` and TensorFlow installed (``pip install 'stn-jax[download]'``).
 
@@ -30,7 +30,7 @@ import numpy as np
 from stn_jax import distortions
 
 
-DOWNLOAD_ENV = "STN_JAX_DOWNLOAD"   # "0": never download (the CLI's --no_download)
+DOWNLOAD_ENV = "STN_JAX_DOWNLOAD"   # "0": never download (the CLI's --nodownload)
 _QUIET_NOTICES = ("has no dataset_info.json", "OpenCV is not installed")
 
 
@@ -70,7 +70,7 @@ def _not_prepared(name: str, directory: str) -> DataNotFoundError:
                "holds a prepared copy")
   if name == "mnist":
     return DataNotFoundError(
-        f"{where}, and downloading it is switched off (download=False, --no_download or "
+        f"{where}, and downloading it is switched off (download=False, --nodownload or "
         f"{DOWNLOAD_ENV}=0). Allow the download (about 11 MB, no TensorFlow needed), {elsewhere}.")
   return DataNotFoundError(
       f"{where}. TFDS downloads and prepares it itself only with TensorFlow installed: pip "

@@ -137,7 +137,7 @@ def test_missing_data_with_download_off_gives_one_clear_message(tmp_path, monkey
   message = str(info.value)
   assert f"'mnist' is not prepared in '{tmp_path / 'empty'}'" in message
   # It names only switches that exist: the CLI's flags, the variables, the argument.
-  for named in ("--no_download", "STN_JAX_DOWNLOAD=0", "TFDS_DATA_DIR", "--data_dir", "data_dir="):
+  for named in ("--nodownload", "STN_JAX_DOWNLOAD=0", "TFDS_DATA_DIR", "--data_dir", "data_dir="):
     assert named in message
   assert "stn-jax[download]" not in message   # MNIST needs no TensorFlow
   with pytest.raises(datasets.DataNotFoundError, match=str(tmp_path / "elsewhere")):
