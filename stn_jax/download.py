@@ -138,7 +138,7 @@ def _fetch(url: str, path: str, expected: IdxFile, timeout: float) -> np.ndarray
         detail = error.reason if type(error) is urllib.error.URLError else error
         raise DownloadError(f"could not download {url} ({type(error).__name__}: {detail}).") \
             from error
-    array = _read_checked(temporary, expected, f"{url} (downloaded to {temporary})")
+    array = _read_checked(temporary, expected, url)
     os.replace(temporary, path)
     return array
   finally:
