@@ -88,11 +88,11 @@ flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
 flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
 
 
-def usage(program: str = "stn-jax") -> str:
+def usage() -> str:
   """The help text: commands, the train flags (from their definitions) and every config name."""
-  lines = [f"usage: {program} train --config=<family>:<name> --workdir=DIR "
+  lines = ["usage: stn-jax train --config=<family>:<name> --workdir=DIR "
            "[--config.<field>=<value> ...] [flags]",
-           f"       {program} list",
+           "       stn-jax list",
            "",
            "Trains a Spatial Transformer Network experiment (stn_jax); 'list' prints the "
            "config names.",
@@ -153,21 +153,20 @@ def train(argv: Sequence[str]) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """Entry point of ``stn-jax`` (``argv`` defaults to ``sys.argv``); returns the exit status."""
   argv = list(sys.argv if argv is None else argv)
-  program = os.path.basename(argv[0]) if argv else "stn-jax"
   command, rest = (argv[1], argv[2:]) if len(argv) > 1 else (None, [])
   if command in (None, "-h", "--help", "help") or (
-      command == "train" and any(a in ("-h", "--help", "--helpshort", "--helpfull")
+      command == "train" and any(a in ("-h", "--help", "--helpshort")
                                  for a in rest)):
-    print(usage(program))
+    print(usage())
     return 0
   if command == "list":
     print("\n".join(configs.names()))
     return 0
   if command != "train":
-    print(f"error: unknown command {command!r}; use 'train' or 'list'.\n\n{usage(program)}",
+    print(f"error: unknown command {command!r}; use 'train' or 'list'.\n\n{usage()}",
           file=sys.stderr)
     return 2
-  app.run(train, argv=[f"{program} train", *rest])   # exits the process
+  app.run(train, argv=["stn-jax train", *rest])   # exits the process
   return 0
 
 
