@@ -14,13 +14,18 @@ plain ``lax.conv_general_dilated``), for stride-1, undilated, ungrouped
 ``lax.conv_general_dilated`` unchanged. Values are those of
 ``lax.conv_general_dilated``; gradients agree to float rounding (tested).
 
-Use it as ``nnx.Conv(..., conv_general_dilated=conv_general_dilated)``; the
-modules of :mod:`stn_jax.modules` and :mod:`stn_jax.models` do.
+Use it as ``nnx.Conv(..., conv_general_dilated=conv_general_dilated)``. The
+one switch: :func:`stn_jax.modules.conv_layer`, which makes every convolution
+of :mod:`stn_jax.modules` and :mod:`stn_jax.models`, takes
+``patch_gradients`` (default :func:`patch_gradients_default`: on, unless
+``STN_JAX_PATCH_GRADIENTS=0``); off, a layer is a plain ``nnx.Conv``.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
+
+import os
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +34,11 @@ from jax import lax
 # Inputs with more channels than this keep XLA's convolution gradients (faster there).
 MAX_PATCH_CHANNELS = 4
 _NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def patch_gradients_default() -> bool:
+  """Whether layers use :func:`conv_general_dilated` unless told otherwise (``STN_JAX_PATCH_GRADIENTS``)."""
+  return os.environ.get("STN_JAX_PATCH_GRADIENTS", "1") != "0"
 
 
 def patches(x: jax.Array, kernel_hw: tuple[int, int]) -> jax.Array:

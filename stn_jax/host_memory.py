@@ -10,11 +10,14 @@ spends about a third of its time in the kernel's page-fault handler.
 :func:`reuse_freed_host_memory` tells glibc to keep freed memory in the
 process and reuse it (one malloc arena for all threads, no ``mmap`` for
 large blocks, no trimming of the heap below 2 GiB of free space). It is a
-process-wide setting: it must run before JAX's CPU backend starts (before the
-first computation), because the backend's threads take their malloc arenas
-when they start. ``python -m experiments.train`` and the benchmarks call it
-first thing; in a notebook call it right after the imports, or start Python
-with ``GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647``.
+process-wide setting, best made before JAX's CPU backend starts (before the
+first computation): the backend's threads take their malloc arenas when they
+start, so only threads started afterwards share the one arena. Made later
+(e.g. in a notebook after a first computation) the other two parts still
+apply to every arena: large blocks are no longer mapped and unmapped per
+step, and freed memory is kept. ``python -m experiments.train`` and the
+benchmarks call it first thing; or start Python with
+``GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647``.
 The cost: the process keeps its peak heap instead of returning it.
 ``STN_JAX_REUSE_HOST_MEMORY=0`` turns the call into a no-op.
 """
@@ -25,7 +28,6 @@ import ctypes
 import os
 import platform
 import sys
-import warnings
 
 # mallopt(3) parameter numbers (glibc's malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -38,10 +40,10 @@ _applied = False
 def reuse_freed_host_memory() -> bool:
   """Makes glibc malloc keep and reuse freed memory; returns whether it was applied.
 
-  Not applied (returns False) off Linux/glibc, when ``STN_JAX_REUSE_HOST_MEMORY=0``,
-  or when a JAX backend is already running (then with a warning saying so,
-  since the setting would not reach the backend's threads). Calling it again
-  after it was applied returns True and changes nothing.
+  Not applied (returns False) off Linux/glibc or when
+  ``STN_JAX_REUSE_HOST_MEMORY=0``. It does not look at JAX's state (see the
+  module docstring for what a call after the first computation still does).
+  Calling it again after it was applied returns True and changes nothing.
   """
   global _applied
   if _applied:
@@ -49,12 +51,6 @@ def reuse_freed_host_memory() -> bool:
   if os.environ.get("STN_JAX_REUSE_HOST_MEMORY", "1") == "0":
     return False
   if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
-    return False
-  from jax._src import xla_bridge
-  if xla_bridge.backends_are_initialized():
-    warnings.warn("reuse_freed_host_memory() called after JAX's backend started: it has no "
-                  "effect on the backend's threads; call it before the first computation.",
-                  stacklevel=2)
     return False
   try:
     libc = ctypes.CDLL("libc.so.6")

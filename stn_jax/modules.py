@@ -42,13 +42,21 @@ def conv_output_hw(hw: tuple[int, int], kernel: int, padding: str, pool: bool) -
 
 
 def conv_layer(in_features: int, out_features: int, kernel: int, *, padding: str = "SAME",
-               rngs: nnx.Rngs) -> nnx.Conv:
-  """A stride-1 ``kernel x kernel`` ``nnx.Conv`` on ``[B, H, W, C]`` that uses
-  :func:`stn_jax.convolution.conv_general_dilated` (faster gradients for few
-  input channels on CPU; plain ``lax`` elsewhere). Every convolution of the
-  library's modules and models is made here."""
+               patch_gradients: bool | None = None, rngs: nnx.Rngs) -> nnx.Conv:
+  """A stride-1 ``kernel x kernel`` ``nnx.Conv`` on ``[B, H, W, C]``. Every
+  convolution of the library's modules and models is made here.
+
+  ``patch_gradients`` (default
+  :func:`stn_jax.convolution.patch_gradients_default`, on): use
+  :func:`stn_jax.convolution.conv_general_dilated` (same values; faster
+  gradients for few input channels on CPU, plain ``lax`` elsewhere); off: a
+  plain ``nnx.Conv``.
+  """
+  if patch_gradients is None:
+    patch_gradients = convolution.patch_gradients_default()
+  conv = convolution.conv_general_dilated if patch_gradients else jax.lax.conv_general_dilated
   return nnx.Conv(in_features, out_features, (kernel, kernel), padding=padding,
-                  conv_general_dilated=convolution.conv_general_dilated, rngs=rngs)
+                  conv_general_dilated=conv, rngs=rngs)
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:

@@ -91,3 +91,15 @@ def test_conv_layer_equals_plain_nnx_conv():
   grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))
   for a, b in zip(jax.tree.leaves(nnx.state(grads(layer))), jax.tree.leaves(nnx.state(grads(plain)))):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_patch_gradients_switch(monkeypatch):
+  """Off (argument or STN_JAX_PATCH_GRADIENTS=0), a layer is a plain nnx.Conv (lax's convolution)."""
+  assert conv_layer(1, 4, 3, rngs=nnx.Rngs(0)).conv_general_dilated is convolution.conv_general_dilated
+  off = conv_layer(1, 4, 3, patch_gradients=False, rngs=nnx.Rngs(0))
+  assert off.conv_general_dilated is lax.conv_general_dilated
+  monkeypatch.setenv("STN_JAX_PATCH_GRADIENTS", "0")
+  assert conv_layer(1, 4, 3, rngs=nnx.Rngs(0)).conv_general_dilated is lax.conv_general_dilated
+  x, _ = _inputs(1, 1, hw=(8, 8))
+  jaxpr = str(jax.make_jaxpr(nnx.grad(lambda m: jnp.sum(m(x) ** 2)))(off))
+  assert "platform_index" not in jaxpr
