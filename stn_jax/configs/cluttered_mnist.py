@@ -9,19 +9,16 @@ from __future__ import annotations
 
 from stn_jax.configs import common
 
-NAMES = tuple(f"{m}_{d}" for m in ("cnn", "st_cnn_affine", "st_cnn_attention")
-              for d in ("translated", "cluttered"))
+# Config name: its settings (the classifier reads the 60x60 output pooled to 30x30).
+CONFIGS = {f"{model}_{variant}": dict(backbone="cnn", transform=transform, variant=variant,
+                                      post_pool=2)
+           for model, transform in (("cnn", None), ("st_cnn_affine", "affine"),
+                                    ("st_cnn_attention", "attention"))
+           for variant in ("translated", "cluttered")}
+NAMES = tuple(CONFIGS)
 
 
 def get_config(name: str = "st_cnn_affine_cluttered"):
-  if name not in NAMES:
+  if name not in CONFIGS:
     raise common.unknown_name("cluttered_mnist", name, NAMES)
-  model, distortion = name.rsplit("_", 1)
-  c = common.base_config()
-  c.name = name
-  c.task = "distorted_mnist"
-  c.variant = distortion
-  c.backbone = "cnn"
-  c.transform = "" if model == "cnn" else model.split("_")[-1]
-  c.post_pool = 2        # 60x60 -> 30x30 for the classifier
-  return c
+  return common.mnist_config(name, "distorted_mnist", **CONFIGS[name])

@@ -22,8 +22,8 @@ def base_config() -> ml_collections.ConfigDict:
   momentum 0.9 is our choice.
   """
   c = ml_collections.ConfigDict()
-  c.name = ""
-  c.task = ""
+  c.name = None
+  c.task = None
   c.seed = 0
   c.steps = 150_000
   c.batch_size = 256
@@ -38,10 +38,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 2
   c.progress = True
   c.figure_examples = 8
+  c.data_dir = None         # None: $TFDS_DATA_DIR, else ../shared/data/tfds when present
+  return c
+
+
+def mnist_config(name: str, task: str, **fields) -> ml_collections.ConfigDict:
+  """:func:`base_config` plus the settings of the MNIST-made tasks, then ``fields``."""
+  c = base_config()
+  c.name = name
+  c.task = task
   c.data = "mnist"          # 'mnist' (TFDS) or 'synthetic' (offline stand-in, for tests)
   c.synthetic_examples = 2048  # training examples when data='synthetic' (test: a quarter)
-  c.data_dir = ""           # '' = $TFDS_DATA_DIR, else ../shared/data/tfds when present
   c.test_seed = 1234        # fixed distortion of the test set
+  c.update(fields)
   return c
 
 

@@ -12,20 +12,22 @@ from __future__ import annotations
 
 from stn_jax.configs import common
 
-NAMES = ("cnn_224", "st2_448", "st4_448")
+# Config name: its settings.
+CONFIGS = {"cnn_224": dict(num_transformers=0, image_size=224),
+           "st2_448": dict(num_transformers=2, image_size=448),
+           "st4_448": dict(num_transformers=4, image_size=448)}
+NAMES = tuple(CONFIGS)
 
 
 def get_config(name: str = "st2_448"):
-  if name not in NAMES:
+  if name not in CONFIGS:
     raise common.unknown_name("cub", name, NAMES)
   c = common.base_config()
   c.name = name
   c.task = "cub"
-  c.data = "caltech_birds2011"
-  c.num_transformers = 0 if name == "cnn_224" else int(name[2])
-  c.image_size = 224 if name == "cnn_224" else 448
   c.batch_size = 32
   c.eval_batch_size = 64
   c.steps = 30_000
   c.optimizer.learning_rate = 0.01
+  c.update(CONFIGS[name])
   return c

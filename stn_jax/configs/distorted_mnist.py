@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from stn_jax.configs import common
 
+# Model name: (backbone, transform or None).
 MODELS = {
     "fcn": ("fcn", None), "cnn": ("cnn", None),
     "st_fcn_affine": ("fcn", "affine"), "st_fcn_projective": ("fcn", "projective"),
@@ -21,18 +22,15 @@ MODELS = {
     "st_cnn_tps": ("cnn", "tps"),
 }
 DISTORTIONS = {"r": "R", "rts": "RTS", "p": "P", "e": "E"}
-NAMES = tuple(f"{m}_{d}" for m in MODELS for d in DISTORTIONS)
+# Config name: its settings.
+CONFIGS = {f"{model}_{suffix}": dict(backbone=backbone, transform=transform, variant=variant,
+                                     post_pool=2 if variant == "RTS" else 1)
+           for model, (backbone, transform) in MODELS.items()
+           for suffix, variant in DISTORTIONS.items()}
+NAMES = tuple(CONFIGS)
 
 
 def get_config(name: str = "st_cnn_affine_rts"):
-  if name not in NAMES:
+  if name not in CONFIGS:
     raise common.unknown_name("distorted_mnist", name, NAMES)
-  model, distortion = name.rsplit("_", 1)
-  c = common.base_config()
-  c.name = name
-  c.task = "distorted_mnist"
-  c.variant = DISTORTIONS[distortion]
-  c.backbone, transform = MODELS[model]
-  c.transform = transform or ""
-  c.post_pool = 2 if c.variant == "RTS" else 1
-  return c
+  return common.mnist_config(name, "distorted_mnist", **CONFIGS[name])

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 from stn_jax.configs import common
 
-NAMES = ("fcn", "st_fcn_affine", "st_fcn_tps")
+# Config name: its settings.
+CONFIGS = {"fcn": dict(transform=None), "st_fcn_affine": dict(transform="affine"),
+           "st_fcn_tps": dict(transform="tps")}
+NAMES = tuple(CONFIGS)
 
 
 def get_config(name: str = "st_fcn_affine"):
-  if name not in NAMES:
+  if name not in CONFIGS:
     raise common.unknown_name("mnist_addition", name, NAMES)
-  c = common.base_config()
-  c.name = name
-  c.task = "mnist_addition"
-  c.variant = "RTS"
-  c.transform = "" if name == "fcn" else name.split("_")[-1]
-  return c
+  return common.mnist_config(name, "mnist_addition", variant="RTS", **CONFIGS[name])

@@ -11,17 +11,14 @@ from __future__ import annotations
 
 from stn_jax.configs import common
 
-NAMES = ("cnn", "st_cnn_single", "st_cnn_multi")
+# Config name: its settings (``st``: None, 'single' or 'multi', see MultiDigitCNN).
+CONFIGS = {"cnn": dict(st=None), "st_cnn_single": dict(st="single"),
+           "st_cnn_multi": dict(st="multi")}
+NAMES = tuple(CONFIGS)
 
 
 def get_config(name: str = "st_cnn_single"):
-  if name not in NAMES:
+  if name not in CONFIGS:
     raise common.unknown_name("sequences", name, NAMES)
-  c = common.base_config()
-  c.name = name
-  c.task = "sequences"
-  c.st = "" if name == "cnn" else name.split("_")[-1]
-  c.batch_size = 128
-  c.max_digits = 5
-  c.canvas = 64
-  return c
+  return common.mnist_config(name, "sequences", batch_size=128, max_digits=5, canvas=64,
+                             **CONFIGS[name])

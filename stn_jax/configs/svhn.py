@@ -12,17 +12,19 @@ from __future__ import annotations
 
 from stn_jax.configs import common
 
-NAMES = ("cnn", "st_cnn_single", "st_cnn_multi")
+# Config name: its settings (``st``: None, 'single' or 'multi', see MultiDigitCNN).
+CONFIGS = {"cnn": dict(st=None), "st_cnn_single": dict(st="single"),
+           "st_cnn_multi": dict(st="multi")}
+NAMES = tuple(CONFIGS)
 
 
 def get_config(name: str = "st_cnn_single"):
-  if name not in NAMES:
+  if name not in CONFIGS:
     raise common.unknown_name("svhn", name, NAMES)
   c = common.base_config()
   c.name = name
   c.task = "svhn"
-  c.data = "svhn_cropped"
-  c.st = "" if name == "cnn" else name.split("_")[-1]
   c.batch_size = 128
   c.eval_batch_size = 512
+  c.update(CONFIGS[name])
   return c
