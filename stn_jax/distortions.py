@@ -5,7 +5,7 @@ batch of digits ``[B, 28, 28, 1]`` (float in [0, 1]), built on stn_jax's own
 grids and bilinear sampler, vectorised over the batch and jit-compiled;
 the same key gives the same images. Transforms are drawn in pixel units and
 converted to normalised coordinates with
-:func:`stn_jax.transforms.normalization_matrix`.
+:func:`stn_jax.coordinates.pixel_transform_to_normalized`.
 
 Parameters and their sources (Jaderberg et al. 2015, section 4.1 and
 appendix A.4; where the stored copies of the appendix were not legible we
@@ -33,12 +33,11 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from stn_jax import _validation as v
+from stn_jax import coordinates
 from stn_jax import grids
 from stn_jax import sampling
-from stn_jax import transforms
 
 VARIANTS = ("R", "RTS", "P", "E", "translated", "cluttered")
 OUTPUT_HW = {"R": (28, 28), "RTS": (42, 42), "P": (28, 28), "E": (28, 28),
@@ -63,8 +62,8 @@ def _similarity_pixels(angle, scale, shift, in_hw, out_hw):
 
 
 def _warp_affine(digits, pixel_matrix, out_hw):
-  theta = transforms.pixel_transform_to_normalized(pixel_matrix, digits.shape[1:3], out_hw)[:, :2]
-  grid = grids.affine_grid(theta, out_hw)
+  theta = coordinates.pixel_transform_to_normalized(pixel_matrix, digits.shape[1:3], out_hw)
+  grid = grids.affine_grid(theta[:, :2], out_hw)
   return sampling.sample(digits, grid)
 
 
@@ -111,8 +110,8 @@ def projective(key, digits, corner_sigma: float = 5.0, scale_range=(0.75, 1.0)):
   centre = (jnp.asarray([w, h], jnp.float32) - 1) / 2
   scale = jax.random.uniform(k_scale, (b, 1, 1), minval=scale_range[0], maxval=scale_range[1])
   moved = centre + scale * (corners - centre) + corner_sigma * jax.random.normal(k_noise, (b, 4, 2))
-  src = transforms.pixel_to_normalized(jnp.broadcast_to(corners, (b, 4, 2)), DIGIT_HW)
-  dst = transforms.pixel_to_normalized(moved, DIGIT_HW)
+  src = coordinates.pixel_to_normalized(jnp.broadcast_to(corners, (b, 4, 2)), DIGIT_HW)
+  dst = coordinates.pixel_to_normalized(moved, DIGIT_HW)
   grid = grids.projective_grid(_homography_from_points(src, dst), DIGIT_HW)
   return sampling.sample(digits, grid)
 
@@ -122,7 +121,8 @@ def elastic(key, digits, control_shape=(4, 4), sigma: float = 1.5, scale_range=(
   b = digits.shape[0]
   k_scale, k_noise = jax.random.split(key)
   k = control_shape[0] * control_shape[1]
-  target = grids._control_grid_np(*control_shape).astype(np.float32)
+  # The control points in the digits' float dtype (float32 as before for float32 digits).
+  target = coordinates.control_points(*control_shape).astype(coordinates.float_dtype(digits))
   scale = jax.random.uniform(k_scale, (b, 1, 1), minval=scale_range[0], maxval=scale_range[1])
   noise_px = sigma * jax.random.normal(k_noise, (b, k, 2))
   # Output control point t reads input point t / scale + noise (in pixels -> normalised).

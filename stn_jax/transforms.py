@@ -1,4 +1,4 @@
-"""Transform parameterisations, composition, inversion and coordinate helpers.
+"""Transform parameterisations (one table of kinds, one of families), composition and inversion.
 
 A localisation net predicts a raw vector ``params [B, P]``; a *kind* names how
 that vector becomes a transform of one of three *families*:
@@ -26,44 +26,200 @@ co-localisation (isotropic scale plus translation: it crops and zooms).
 Rotations act on normalised coordinates, so they are rigid in pixel space only
 for square images.
 
+The tables: :data:`TRANSFORM_KINDS` holds one :class:`TransformKind` record per
+kind (name, family, number of parameters, identity parameters, parameters ->
+transform) and :data:`FAMILIES` one :class:`TransformFamily` per family (the
+per-example shape of its transforms and its grid function). Everything else
+(:func:`params_to_transform`, :func:`stn_jax.warp`, the modules, the tests)
+reads them, so a new kind is one function plus one entry, e.g. a shear::
+
+  def _shear(params):                       # [B, 1] -> [B, 2, 3]
+    one, zero = jnp.ones_like(params[:, 0]), jnp.zeros_like(params[:, 0])
+    return affine_rows(one, params[:, 0], zero, zero, one, zero)
+
+  TRANSFORM_KINDS["shear"] = fixed_kind("shear", "affine", (0.0,), _shear)
+
+and a new family is a grid function plus a :class:`TransformFamily` entry.
+
+Non-finite parameters: an example with any NaN or +-inf parameter gets an
+all-NaN transform (so every point of its grid reads as outside and its output
+is 0), and the gradient with respect to all its parameters is exactly 0 (the
+output does not depend on them); other examples are unaffected.
+
+The coordinate helpers (:func:`normalization_matrix`,
+:func:`pixel_transform_to_normalized`, :func:`pixel_to_normalized`,
+:func:`normalized_to_pixel`) live in :mod:`stn_jax.coordinates` and are
+re-exported here under their documented names.
+
 Every function here is pure and differentiable with respect to its array
-arguments.
+arguments. Transforms are computed in the dtype of the parameters (integers
+become float32; float64 stays float64).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import dataclasses
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from stn_jax import _validation as v
+from stn_jax import coordinates
 from stn_jax import grids
+# Documented names (README): the coordinate helpers, re-exported.
+from stn_jax.coordinates import (normalization_matrix, normalized_to_pixel,  # noqa: F401
+                                 pixel_to_normalized, pixel_transform_to_normalized)
 
-KINDS = ("affine", "attention", "translation", "rotation", "similarity",
-         "projective", "tps")
-_FAMILY = {"affine": "affine", "attention": "affine", "translation": "affine",
-           "rotation": "affine", "similarity": "affine",
-           "projective": "projective", "tps": "tps"}
-_FIXED_SIZES = {"affine": 6, "attention": 3, "translation": 2, "rotation": 1,
-                "similarity": 4, "projective": 8}
 DEFAULT_CONTROL_SHAPE = (4, 4)  # The paper's TPS: a 4x4 grid of control points.
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformFamily:
+  """A form of transform and how it becomes a sampling grid.
+
+  Attributes:
+    name: the family's name, also a kind name that takes the transform itself.
+    shape: per-example shape of the family's transforms; ``None`` marks a free
+      axis (the number of TPS control points).
+    grid: ``grid(transform [B, *shape], out_hw, align_corners, control_shape)``
+      -> ``[B, Ho, Wo, 2]``; ``control_shape`` is ``None`` when the transform
+      was given directly rather than as raw parameters.
+  """
+  name: str
+  shape: tuple[Optional[int], ...]
+  grid: Callable[..., jax.Array]
+
+  def shape_str(self) -> str:
+    """``'[B, 2, 3]'``-style description of a batch of transforms."""
+    return v.shape_str(("B",) + tuple("K" if d is None else d for d in self.shape))
+
+  def accepts(self, shape: Sequence[int]) -> bool:
+    """Whether ``shape`` (with the batch axis) is a batch of this family's transforms."""
+    return (len(shape) == 1 + len(self.shape)
+            and all(d is None or d == s for d, s in zip(self.shape, shape[1:])))
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformKind:
+  """A parameterisation a localisation net predicts: raw ``[B, P]`` -> a family's transform.
+
+  Attributes:
+    name: the kind's name (``transform=`` everywhere).
+    family: name of its :class:`TransformFamily`.
+    num_params: ``control_shape -> P`` (``control_shape`` matters only to kinds
+      built on a control grid).
+    identity: ``control_shape -> [P]`` float64 parameters of the identity map.
+    to_transform: ``(params [B, P], control_shape) -> [B, *family shape]``,
+      in the dtype of ``params``.
+  """
+  name: str
+  family: str
+  num_params: Callable[[tuple[int, int]], int]
+  identity: Callable[[tuple[int, int]], np.ndarray]
+  to_transform: Callable[[jax.Array, tuple[int, int]], jax.Array]
+
+
+def fixed_kind(name: str, family: str, identity: Sequence[float],
+               to_transform: Callable[[jax.Array], jax.Array]) -> TransformKind:
+  """A :class:`TransformKind` whose parameters do not depend on a control grid."""
+  values = np.asarray(identity, np.float64)
+  values.setflags(write=False)
+  return TransformKind(name, family, num_params=lambda _: values.size,
+                       identity=lambda _: values,
+                       to_transform=lambda params, _: to_transform(params))
+
+
+def affine_rows(*entries: jax.Array) -> jax.Array:
+  """Six ``[B]`` arrays ``a, b, tx, c, d, ty`` -> ``[B, 2, 3]`` ``[[a, b, tx], [c, d, ty]]``."""
+  return jnp.stack(entries, axis=-1).reshape(-1, 2, 3)
+
+
+def _attention(p):
+  s, tx, ty = p.T
+  zero = jnp.zeros_like(s)
+  return affine_rows(s, zero, tx, zero, s, ty)
+
+
+def _translation(p):
+  tx, ty = p.T
+  one, zero = jnp.ones_like(tx), jnp.zeros_like(tx)
+  return affine_rows(one, zero, tx, zero, one, ty)
+
+
+def _rotation(p):
+  c, s = jnp.cos(p[:, 0]), jnp.sin(p[:, 0])
+  zero = jnp.zeros_like(c)
+  return affine_rows(c, -s, zero, s, c, zero)
+
+
+def _similarity(p):
+  a, b, tx, ty = p.T
+  return affine_rows(a, -b, tx, b, a, ty)
+
+
+def _projective(p):
+  return jnp.concatenate([p, jnp.ones_like(p[:, :1])], axis=1).reshape(-1, 3, 3)
+
+
+def _check_control_shape(control_shape: Sequence[int]) -> tuple[int, int]:
+  ny, nx = v.check_hw("control_shape", control_shape)
+  if min(ny, nx) < 2:
+    raise ValueError(
+        "control_shape must be at least (2, 2) for a thin-plate spline (a single row or "
+        f"column of control points is collinear); got {tuple(control_shape)!r}.")
+  return ny, nx
+
+
+_TPS_KIND = TransformKind(
+    "tps", "tps",
+    num_params=lambda shape: 2 * int(np.prod(_check_control_shape(shape))),
+    identity=lambda shape: coordinates.control_points(*_check_control_shape(shape)).reshape(-1),
+    to_transform=lambda params, _: params.reshape(params.shape[0], params.shape[1] // 2, 2))
+
+# One record per kind; the README's table and the module docstring list them.
+TRANSFORM_KINDS: dict[str, TransformKind] = {k.name: k for k in (
+    fixed_kind("affine", "affine", (1, 0, 0, 0, 1, 0), lambda p: p.reshape(-1, 2, 3)),
+    fixed_kind("attention", "affine", (1, 0, 0), _attention),
+    fixed_kind("translation", "affine", (0, 0), _translation),
+    fixed_kind("rotation", "affine", (0,), _rotation),
+    fixed_kind("similarity", "affine", (1, 0, 0, 0), _similarity),
+    fixed_kind("projective", "projective", (1, 0, 0, 0, 1, 0, 0, 0), _projective),
+    _TPS_KIND,
+)}
+
+
+def _tps_family_grid(points, out_hw, align_corners, control_shape):
+  target = None if control_shape is None else coordinates.control_points(*control_shape)
+  return grids.tps_grid(points, out_hw, target_points=target, align_corners=align_corners)
+
+
+# One record per family.
+FAMILIES: dict[str, TransformFamily] = {f.name: f for f in (
+    TransformFamily("affine", (2, 3), lambda m, hw, ac, _: grids.affine_grid(
+        m, hw, align_corners=ac)),
+    TransformFamily("projective", (3, 3), lambda m, hw, ac, _: grids.projective_grid(
+        m, hw, align_corners=ac)),
+    TransformFamily("tps", (None, 2), _tps_family_grid),
+)}
+
+KINDS = tuple(TRANSFORM_KINDS)  # The kind names, in table order.
+
+
+def _kind(kind: str) -> TransformKind:
+  v.check_choice("transform", kind, tuple(TRANSFORM_KINDS))
+  return TRANSFORM_KINDS[kind]
 
 
 def family(kind: str) -> str:
   """``'affine'``, ``'projective'`` or ``'tps'``: the form of ``kind``'s transforms."""
-  v.check_choice("transform", kind, KINDS)
-  return _FAMILY[kind]
+  return _kind(kind).family
 
 
 def num_params(kind: str, *, control_shape: Sequence[int] = DEFAULT_CONTROL_SHAPE) -> int:
   """Length ``P`` of the raw parameter vector of ``kind``."""
-  v.check_choice("transform", kind, KINDS)
-  if kind == "tps":
-    ny, nx = v.check_hw("control_shape", control_shape)
-    return 2 * ny * nx
-  return _FIXED_SIZES[kind]
+  return _kind(kind).num_params(tuple(control_shape))
 
 
 def identity_params(kind: str, *, control_shape: Sequence[int] = DEFAULT_CONTROL_SHAPE,
@@ -73,26 +229,24 @@ def identity_params(kind: str, *, control_shape: Sequence[int] = DEFAULT_CONTROL
   Used as the bias of a localisation net's last layer (whose weights start at
   zero), so that a fresh spatial transformer is the identity map.
   """
-  v.check_choice("transform", kind, KINDS)
-  if kind == "tps":
-    ny, nx = v.check_hw("control_shape", control_shape)
-    vec = grids._control_grid_np(ny, nx).reshape(-1)
-  else:
-    vec = {"affine": [1, 0, 0, 0, 1, 0], "attention": [1, 0, 0],
-           "translation": [0, 0], "rotation": [0], "similarity": [1, 0, 0, 0],
-           "projective": [1, 0, 0, 0, 1, 0, 0, 0]}[kind]
-  return jnp.asarray(vec, dtype=dtype)
+  return jnp.asarray(_kind(kind).identity(tuple(control_shape)), dtype=dtype)
 
 
 def params_to_transform(kind: str, params: jax.Array, *,
                         control_shape: Sequence[int] = DEFAULT_CONTROL_SHAPE) -> jax.Array:
   """Maps raw parameters ``[B, P]`` to ``kind``'s transform (see the module table).
 
+  An example with a non-finite parameter gets an all-NaN transform and a zero
+  gradient (see the module docstring).
+
   Returns:
     ``[B, 2, 3]`` for the affine family, ``[B, 3, 3]`` for ``projective`` and
-    ``[B, K, 2]`` source control points for ``tps``.
+    ``[B, K, 2]`` source control points for ``tps``, in the dtype of ``params``
+    (float32 for integer ``params``).
   """
-  p = num_params(kind, control_shape=control_shape)
+  record = _kind(kind)
+  control_shape = tuple(control_shape)
+  p = record.num_params(control_shape)
   v.check_rank("params", params, 2, f"[B, {p}]")
   if np.shape(params)[1] != p:
     extra = f" (a {control_shape[0]}x{control_shape[1]} control grid)" if kind == "tps" else ""
@@ -102,30 +256,14 @@ def params_to_transform(kind: str, params: jax.Array, *,
   params = jnp.asarray(params)
   if not jnp.issubdtype(params.dtype, jnp.floating):
     params = params.astype(jnp.float32)
-  b = params.shape[0]
-  zero = jnp.zeros((b,), params.dtype)
-  one = jnp.ones((b,), params.dtype)
-
-  def rows(*entries):
-    return jnp.stack(entries, axis=-1).reshape(b, 2, 3)
-
-  if kind == "affine":
-    return params.reshape(b, 2, 3)
-  if kind == "attention":
-    s, tx, ty = params.T
-    return rows(s, zero, tx, zero, s, ty)
-  if kind == "translation":
-    tx, ty = params.T
-    return rows(one, zero, tx, zero, one, ty)
-  if kind == "rotation":
-    c, s = jnp.cos(params[:, 0]), jnp.sin(params[:, 0])
-    return rows(c, -s, zero, s, c, zero)
-  if kind == "similarity":
-    a, bb, tx, ty = params.T
-    return rows(a, -bb, tx, bb, a, ty)
-  if kind == "projective":
-    return jnp.concatenate([params, one[:, None]], axis=1).reshape(b, 3, 3)
-  return params.reshape(b, -1, 2)  # tps
+  # Double where: the kind's function only sees finite parameters (the
+  # identity's, for a non-finite example), so no inf/NaN partial derivative
+  # multiplies the zero cotangent of a NaN example.
+  finite = jnp.isfinite(params).all(axis=-1, keepdims=True)
+  identity = jnp.asarray(record.identity(control_shape), params.dtype)
+  transform = record.to_transform(jnp.where(finite, params, identity), control_shape)
+  finite = finite.reshape((-1,) + (1,) * (transform.ndim - 1))
+  return jnp.where(finite, transform, jnp.asarray(jnp.nan, transform.dtype))
 
 
 def _check_matrix(name: str, m) -> None:
@@ -182,56 +320,3 @@ def invert(matrix: jax.Array) -> jax.Array:
   scale = inv[..., 2:, 2:]
   ok = jnp.abs(scale) > grids.PROJECTIVE_EPS
   return inv / jnp.where(ok, scale, 1.0)
-
-
-def normalization_matrix(hw: Sequence[int], *, align_corners: bool = False,
-                         dtype=jnp.float32) -> jax.Array:
-  """``[3, 3]`` matrix taking pixel ``(x, y, 1)`` to normalised ``(x, y, 1)``.
-
-  Pixel coordinates put the centre of pixel ``(row i, column j)`` at
-  ``(x, y) = (j, i)``. Its inverse (:func:`invert`) goes back; a pixel-space
-  transform ``P`` becomes ``N_in @ P @ inv(N_out)`` in normalised coordinates.
-  """
-  h, w = v.check_hw("hw", hw)
-  def axis(n):
-    if align_corners:
-      return (2.0 / (n - 1), -1.0) if n > 1 else (0.0, 0.0)
-    return 2.0 / n, 1.0 / n - 1.0
-  (sx, ox), (sy, oy) = axis(w), axis(h)
-  return jnp.asarray([[sx, 0, ox], [0, sy, oy], [0, 0, 1]], dtype=dtype)
-
-
-def pixel_transform_to_normalized(matrix: jax.Array, in_hw: Sequence[int],
-                                  out_hw: Sequence[int], *,
-                                  align_corners: bool = False) -> jax.Array:
-  """An output-pixel -> input-pixel transform ``[..., 3, 3]`` in normalised coordinates.
-
-  Returns ``N_in @ matrix @ inv(N_out)`` (:func:`normalization_matrix`): the
-  same map acting on normalised coordinates, ready for the grid generators
-  (take ``[..., :2, :]`` for an affine ``theta``).
-  """
-  n_in = normalization_matrix(in_hw, align_corners=align_corners)
-  n_out_inv = invert(normalization_matrix(out_hw, align_corners=align_corners))
-  return compose(compose(n_in, matrix), n_out_inv)
-
-
-def pixel_to_normalized(points: jax.Array, hw: Sequence[int], *,
-                        align_corners: bool = False) -> jax.Array:
-  """Pixel ``(x, y)`` points ``[..., 2]`` of an ``hw`` image to normalised coordinates."""
-  v.check_axis("points", points, -1, 2, "[..., 2]")
-  m = normalization_matrix(hw, align_corners=align_corners,
-                           dtype=grids._float_dtype(points))
-  return points * jnp.diagonal(m)[:2] + m[:2, 2]
-
-
-def normalized_to_pixel(points: jax.Array, hw: Sequence[int], *,
-                        align_corners: bool = False) -> jax.Array:
-  """Normalised ``(x, y)`` points ``[..., 2]`` to pixel coordinates of an ``hw`` image.
-
-  With ``align_corners=True`` and a side of one pixel, every point maps to 0.
-  """
-  v.check_axis("points", points, -1, 2, "[..., 2]")
-  h, w = v.check_hw("hw", hw)
-  points = jnp.asarray(points).astype(grids._float_dtype(points))
-  return jnp.stack([grids.to_pixel(points[..., 0], w, align_corners),
-                    grids.to_pixel(points[..., 1], h, align_corners)], axis=-1)

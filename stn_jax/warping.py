@@ -1,4 +1,10 @@
-"""Grid generation plus sampling in one call."""
+"""Grid generation plus sampling in one call.
+
+:func:`transform_grid` looks the transform up in the tables of
+:mod:`stn_jax.transforms` (its kind, then its family's grid function) and
+:func:`warp` samples the images there with :func:`stn_jax.sampling.sample`;
+nothing here is specific to one kind or family.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +14,8 @@ import jax
 import numpy as np
 
 from stn_jax import _validation as v
-from stn_jax import grids
 from stn_jax import sampling
 from stn_jax import transforms
-
-_MATRIX_SHAPES = {"affine": "[B, 2, 3]", "projective": "[B, 3, 3]", "tps": "[B, K, 2]"}
 
 
 def transform_grid(theta: jax.Array, out_hw: Sequence[int], *, transform: str = "affine",
@@ -25,32 +28,29 @@ def transform_grid(theta: jax.Array, out_hw: Sequence[int], *, transform: str = 
       ``transform`` (see :mod:`stn_jax.transforms`), or, for the names of the
       three families, the transform itself: ``[B, 2, 3]`` for ``'affine'``,
       ``[B, 3, 3]`` for ``'projective'``, ``[B, K, 2]`` source points for
-      ``'tps'``.
-    out_hw: output size ``(Ho, Wo)``.
+      ``'tps'`` (on the regular ``sqrt(K) x sqrt(K)`` control grid).
+    out_hw: output size ``(Ho, Wo)``, positive ints (else ``ValueError``).
     transform: a name from ``stn_jax.transforms.KINDS``.
     control_shape: ``(ny, nx)`` of the TPS control grid, when ``theta`` is raw
       TPS parameters ``[B, 2 * ny * nx]``.
-    align_corners: see :mod:`stn_jax.grids`.
+    align_corners: see :mod:`stn_jax.coordinates`.
+
+  Returns:
+    The grid in the dtype of ``theta`` (at least float32), differentiable with
+    respect to ``theta``; an empty batch gives an empty grid.
   """
-  fam = transforms.family(transform)
-  matrix_trailing = {"affine": (2, 3), "projective": (3, 3), "tps": np.shape(theta)[1:]}[fam]
-  if np.ndim(theta) == 3 and transform == fam and np.shape(theta)[1:] == matrix_trailing:
-    matrix = theta
-  elif np.ndim(theta) == 2:
+  fam = transforms.FAMILIES[transforms.family(transform)]
+  if np.ndim(theta) == 2:
     matrix = transforms.params_to_transform(transform, theta, control_shape=control_shape)
-  else:
-    allowed = f"[B, {transforms.num_params(transform, control_shape=control_shape)}]"
-    if transform == fam:
-      allowed += f" or {_MATRIX_SHAPES[fam]}"
-    raise ValueError(
-        f"theta for transform {transform!r} must have shape {allowed}; "
-        f"got {v.shape_str(np.shape(theta))}.")
-  if fam == "affine":
-    return grids.affine_grid(matrix, out_hw, align_corners=align_corners)
-  if fam == "projective":
-    return grids.projective_grid(matrix, out_hw, align_corners=align_corners)
-  target = grids._control_grid_np(*control_shape) if np.ndim(theta) == 2 else None
-  return grids.tps_grid(matrix, out_hw, target_points=target, align_corners=align_corners)
+    return fam.grid(matrix, out_hw, align_corners, tuple(control_shape))
+  if transform == fam.name and fam.accepts(np.shape(theta)):
+    return fam.grid(theta, out_hw, align_corners, None)
+  allowed = f"[B, {transforms.num_params(transform, control_shape=control_shape)}]"
+  if transform == fam.name:
+    allowed += f" or {fam.shape_str()}"
+  raise ValueError(
+      f"theta for transform {transform!r} must have shape {allowed}; "
+      f"got {v.shape_str(np.shape(theta))}.")
 
 
 def warp(images: jax.Array, theta: jax.Array, out_hw: Optional[Sequence[int]] = None, *,

@@ -11,7 +11,9 @@ from absl.testing import parameterized
 from jax.test_util import check_grads
 
 import stn_jax
+from stn_jax import coordinates
 from stn_jax import grids
+from stn_jax import sampling
 
 
 def test_identity_grid_pixel_centres():
@@ -174,3 +176,136 @@ BAD_GRID_CASES = [
 def test_bad_input_raises_value_error(call, message):
   with pytest.raises(ValueError, match=message):
     call()
+
+
+# --- stn_jax.coordinates ------------------------------------------------------------------
+
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize("size", [1, 2, 7])
+def test_coordinates_pixel_centres_and_round_trip(size, align_corners):
+  centres = coordinates.linspace(size, align_corners)
+  np.testing.assert_allclose(coordinates.to_pixel(centres, size, align_corners), np.arange(size),
+                             atol=1e-12)
+  pix = np.random.default_rng(0).uniform(-3, size + 3, 20)
+  back = coordinates.to_pixel(coordinates.from_pixel(pix, size, align_corners), size,
+                              align_corners)
+  if size == 1 and align_corners:   # The whole axis is the one pixel 0.
+    np.testing.assert_array_equal(back, 0.0)
+  else:
+    np.testing.assert_allclose(back, pix, atol=1e-12)
+  # The edges: -1 and 1 are the corner centres (True) or the outer edges (False).
+  edges = coordinates.to_pixel(np.asarray([-1.0, 1.0]), size, align_corners)
+  np.testing.assert_allclose(edges, [0, size - 1] if align_corners else [-0.5, size - 0.5])
+
+
+def test_coordinates_matrices_agree_with_elementwise_conversions():
+  rng = np.random.default_rng(1)
+  pix = rng.uniform(-2, 10, (6, 2))
+  with jax.enable_x64(True):
+    for align_corners in (False, True):
+      n = np.asarray(coordinates.normalization_matrix((5, 9), align_corners=align_corners,
+                                                      dtype=jnp.float64))
+      homog = np.concatenate([pix, np.ones((6, 1))], 1) @ n.T
+      expected = np.stack([coordinates.from_pixel(pix[:, 0], 9, align_corners),
+                           coordinates.from_pixel(pix[:, 1], 5, align_corners)], -1)
+      np.testing.assert_allclose(homog[:, :2], expected, atol=1e-14)
+      np.testing.assert_allclose(
+          coordinates.pixel_to_normalized(jnp.asarray(pix), (5, 9), align_corners=align_corners),
+          expected, atol=1e-14)
+  centres = coordinates.pixel_centres((2, 3), align_corners=False)
+  np.testing.assert_allclose(centres, stn_jax.identity_grid((2, 3), dtype=jnp.float32), atol=1e-7)
+  np.testing.assert_allclose(coordinates.control_points(2, 3), stn_jax.control_grid(2, 3))
+
+
+def test_float_dtype_rule():
+  with jax.enable_x64(True):
+    assert coordinates.float_dtype(jnp.zeros(2, jnp.float64)) == jnp.float64
+    assert coordinates.float_dtype(jnp.zeros(2, jnp.float32), jnp.zeros(2, jnp.float64)) == jnp.float64
+    assert coordinates.float_dtype(jnp.zeros(2, jnp.bfloat16)) == jnp.float32
+    assert coordinates.float_dtype(jnp.zeros(2, jnp.float16)) == jnp.float32
+    assert coordinates.float_dtype(jnp.zeros(2, jnp.int32)) == jnp.float32
+
+
+# --- Edge sizes: a zero size raises, an empty batch gives an empty grid. --------------------
+
+GRID_FUNCTIONS = {
+    "affine": (lambda b, hw: stn_jax.affine_grid(jnp.zeros((b, 2, 3)), hw)),
+    "projective": (lambda b, hw: stn_jax.projective_grid(jnp.tile(jnp.eye(3), (b, 1, 1)), hw)),
+    "tps": (lambda b, hw: stn_jax.tps_grid(jnp.zeros((b, 4, 2)), hw)),
+    "tps traced target": (lambda b, hw: stn_jax.tps_grid(
+        jnp.zeros((b, 4, 2)), hw, target_points=stn_jax.control_grid(2, 2))),
+    "transform_grid": (lambda b, hw: stn_jax.transform_grid(jnp.zeros((b, 3)), hw,
+                                                            transform="attention")),
+}
+
+
+@pytest.mark.parametrize("name", GRID_FUNCTIONS)
+def test_zero_sizes_raise_and_empty_batch_is_empty(name):
+  make = GRID_FUNCTIONS[name]
+  assert make(0, (3, 4)).shape == (0, 3, 4, 2)
+  for hw in ((0, 4), (3, 0), (-1, 2)):
+    with pytest.raises(ValueError, match=r"out_hw must be a pair of positive integers"):
+      make(2, hw)
+
+
+# --- Degenerate thin-plate splines. --------------------------------------------------------
+
+DEGENERATE_TARGETS = [
+    ("duplicate", np.asarray([[-1, -1], [1, -1], [0.2, 0.3], [-1, 1], [1, 1], [0.2, 0.3]]),
+     r"target_points has duplicate points \(indices 2 and 5\); a thin-plate spline needs distinct"),
+    ("collinear", np.asarray([[-1, -1], [1 / 3, 1 / 3], [1, 1], [0.7, 0.7]]),
+     r"target_points: all 4 points lie on one line; a thin-plate spline needs at least 3"),
+    ("two points", np.asarray([[-1.0, 0.5], [0.3, 0.2]]), r"all 2 points lie on one line"),
+    ("not finite", np.asarray([[-1, -1], [1, -1], [np.nan, 0], [1, 1]]),
+     r"target_points must be finite; points \[2\] are not"),
+]
+
+
+@pytest.mark.parametrize("name,target,message", DEGENERATE_TARGETS, ids=[d[0] for d in DEGENERATE_TARGETS])
+def test_degenerate_tps_target_raises_for_concrete_points(name, target, message):
+  source = jnp.asarray(target[None] + 0.1, jnp.float32)
+  for points in (target, jnp.asarray(target, jnp.float32)):   # cached NumPy and JAX paths
+    with pytest.raises(ValueError, match=message):
+      stn_jax.tps_grid(source, (4, 4), target_points=points)
+
+
+@pytest.mark.parametrize("name,target", [(d[0], d[1]) for d in DEGENERATE_TARGETS[:2]],
+                         ids=[d[0] for d in DEGENERATE_TARGETS[:2]])
+def test_degenerate_traced_tps_target_is_outside_with_zero_gradient(name, target):
+  images = jnp.ones((1, 4, 4, 1))
+  loss = jax.jit(lambda s, t: sampling.sample(
+      images, stn_jax.tps_grid(s, (3, 3), target_points=t)).sum())
+  source = jnp.asarray(target[None] + 0.1, jnp.float32)
+  grid = jax.jit(lambda s, t: stn_jax.tps_grid(s, (3, 3), target_points=t))(
+      source, jnp.asarray(target, jnp.float32))
+  assert np.all(np.isnan(grid))
+  assert loss(source, jnp.asarray(target, jnp.float32)) == 0.0
+  for g in jax.grad(loss, (0, 1))(source, jnp.asarray(target, jnp.float32)):
+    np.testing.assert_array_equal(g, 0.0)
+  # A regular target on the same (traced) path is unaffected.
+  regular = stn_jax.control_grid(2, 2)
+  assert np.all(np.isfinite(jax.jit(lambda s, t: stn_jax.tps_grid(s, (3, 3), target_points=t))(
+      regular[None], regular)))
+
+
+def test_tps_control_shape_of_one_row_is_refused():
+  with pytest.raises(ValueError, match=r"control_shape must be at least \(2, 2\)"):
+    stn_jax.transform_grid(jnp.zeros((1, 8)), (4, 4), transform="tps", control_shape=(1, 4))
+
+
+# --- Non-finite transform entries: no NaN in the gradient of the finite ones. ---------------
+
+def test_projective_non_finite_entry_keeps_other_gradients_finite():
+  rng = np.random.default_rng(8)
+  images = jnp.asarray(rng.uniform(0, 1, (1, 5, 5, 1)), jnp.float32)
+  h = jnp.asarray(np.eye(3)[None] + 0.05 * rng.standard_normal((1, 3, 3)), jnp.float32)
+  grid = jax.jit(lambda m: stn_jax.projective_grid(m, (4, 4)))
+  loss = lambda m: sampling.sample(images, grid(m)).sum()
+  value_and_grad = jax.jit(jax.value_and_grad(loss))
+  for entry in range(9):
+    for value in (np.nan, np.inf):
+      bad = h.at[0, entry // 3, entry % 3].set(value)
+      assert not np.any(np.isfinite(grid(bad)))
+      got, g = value_and_grad(bad)
+      assert got == 0.0
+      np.testing.assert_array_equal(g, 0.0)

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import stn_jax
+from stn_jax import coordinates
 from stn_jax import host_memory
 
 # name: (batch, channels, in_h, in_w, out_h, out_w)
@@ -112,8 +113,8 @@ def stn_jax_xla_sampler(images, grid):
 def map_coordinates_sampler(images, grid):
   """jax.scipy.ndimage.map_coordinates, order 1, vmapped over batch and channels."""
   h, w = images.shape[1:3]
-  px = ((grid[..., 0] + 1) * w - 1) / 2
-  py = ((grid[..., 1] + 1) * h - 1) / 2
+  px = coordinates.to_pixel(grid[..., 0], w, align_corners=False)
+  py = coordinates.to_pixel(grid[..., 1], h, align_corners=False)
   def one(image, x, y):  # image [H, W, C]
     return jax.vmap(lambda ch: jax.scipy.ndimage.map_coordinates(ch, [y, x], order=1,
                                                                  mode="constant"),
@@ -124,8 +125,8 @@ def map_coordinates_sampler(images, grid):
 def dm_pix_sampler(images, grid):
   import dm_pix
   h, w = images.shape[1:3]
-  px = ((grid[..., 0] + 1) * w - 1) / 2
-  py = ((grid[..., 1] + 1) * h - 1) / 2
+  px = coordinates.to_pixel(grid[..., 0], w, align_corners=False)
+  py = coordinates.to_pixel(grid[..., 1], h, align_corners=False)
   coords = jnp.stack([py, px], axis=0)   # [2, B, Ho, Wo] -> per image [2, Ho, Wo]
   def one(image, coord):
     return jax.vmap(lambda ch: dm_pix.flat_nd_linear_interpolate_constant(
