@@ -35,23 +35,25 @@ def _draw_grid(ax, points: np.ndarray, color: str, lines: int = 5) -> None:
     ax.plot(points[:, c, 0], points[:, c, 1], color=color, lw=0.8)
 
 
-def save_transformer_figure(path: str, inputs: np.ndarray, outputs: Sequence[np.ndarray],
-                            grids: Sequence[Optional[np.ndarray]], *, titles: Sequence[str] = (),
-                            align_corners: bool = False, suptitle: str = "") -> None:
-  """Writes a PNG: inputs ``[N, H, W, C]`` | each output ``[N, h, w, C]``.
+def transformer_figure(inputs: np.ndarray, outputs: Sequence[np.ndarray],
+                       grids: Sequence[Optional[np.ndarray]], *, titles: Sequence[str] = (),
+                       row_labels: Optional[Sequence[str]] = None, align_corners: bool = False,
+                       suptitle: str = ""):
+  """A ``matplotlib.figure.Figure``: inputs ``[N, H, W, C]`` | each output ``[N, h, w, C]``.
 
   ``grids[k]`` is transformer ``k``'s sampling grid ``[N, Ho, Wo, 2]``
   (normalised, as :func:`stn_jax.transform_grid`), drawn on the input in its
-  own colour; ``None`` draws nothing.
+  own colour; ``None`` draws nothing. ``row_labels[i]`` captions row ``i``
+  (e.g. ``'true 3, predicted 5'``). The figure is made without pyplot, so
+  no matplotlib backend is changed; Jupyter shows a returned figure inline.
   """
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  from matplotlib.figure import Figure
 
   n = len(inputs)
   cols = 1 + len(outputs)
   colors = ["tab:red", "tab:cyan", "tab:orange", "tab:green"]
-  fig, axes = plt.subplots(n, cols, figsize=(1.6 * cols, 1.6 * n), squeeze=False)
+  fig = Figure(figsize=(1.6 * cols, 1.6 * n + (0.25 * n if row_labels else 0)))
+  axes = fig.subplots(n, cols, squeeze=False)
   for i in range(n):
     _show(axes[i, 0], inputs[i])
     h, w = inputs.shape[1:3]
@@ -61,6 +63,8 @@ def save_transformer_figure(path: str, inputs: np.ndarray, outputs: Sequence[np.
         _draw_grid(axes[i, 0], np.asarray(points), colors[k % 4])
     axes[i, 0].set_xlim(-0.5, w - 0.5)
     axes[i, 0].set_ylim(h - 0.5, -0.5)
+    if row_labels is not None:
+      axes[i, 0].set_xlabel(row_labels[i], fontsize=7, loc="left")
     for k, out in enumerate(outputs):
       _show(axes[i, k + 1], out[i])
   header = ["input"] + list(titles or [f"ST {k + 1}" for k in range(len(outputs))])
@@ -69,5 +73,12 @@ def save_transformer_figure(path: str, inputs: np.ndarray, outputs: Sequence[np.
   if suptitle:
     fig.suptitle(suptitle, fontsize=9)
   fig.tight_layout()
+  return fig
+
+
+def save_transformer_figure(path: str, inputs: np.ndarray, outputs: Sequence[np.ndarray],
+                            grids: Sequence[Optional[np.ndarray]], **kwargs):
+  """:func:`transformer_figure` written to ``path`` (PNG, 100 dpi); returns the figure."""
+  fig = transformer_figure(inputs, outputs, grids, **kwargs)
   fig.savefig(path, dpi=100)
-  plt.close(fig)
+  return fig
