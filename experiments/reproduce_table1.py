@@ -150,14 +150,13 @@ def write_table(found: dict, path: str) -> None:
 
 
 def plot_curves(found: dict, path: str) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  from matplotlib.figure import Figure
   tags = sorted(found)
   variants = [v for v in VARIANTS if any(c.rsplit("_", 1)[1] == v for t in tags for c in found[t])]
   if not variants:
     return
-  fig, axes = plt.subplots(1, len(variants), figsize=(4.5 * len(variants), 3.4), squeeze=False)
+  fig = Figure(figsize=(4.5 * len(variants), 3.4))
+  axes = fig.subplots(1, len(variants), squeeze=False)
   for ax, variant in zip(axes[0], variants):
     for tag in tags:
       for cell in sorted(found[tag]):
@@ -180,33 +179,21 @@ def plot_curves(found: dict, path: str) -> None:
   fig.tight_layout()
   os.makedirs(os.path.dirname(path), exist_ok=True)
   fig.savefig(path, dpi=90)
-  plt.close(fig)
   print(f"wrote {path}")
 
 
 def plot_transformers(workdir: str, tag: str, out_dir: str, examples: int = 6) -> None:
   """Figure 3 style: per distortion, inputs beside the affine, projective and TPS ST-CNN outputs."""
   import jax.numpy as jnp
-  from flax import nnx
-  from stn_jax import checkpoints, optim, plotting, steps, tasks, workdir as workdir_files
+  from stn_jax import plotting, runs, tasks
   for variant in VARIANTS:
     outputs, grids, titles, inputs = [], [], [], None
     for transform in ("affine", "projective", "tps"):
-      cell = f"st_cnn_{transform}_{variant}"
-      run = os.path.join(workdir, tag, cell)
+      run = os.path.join(workdir, tag, f"st_cnn_{transform}_{variant}")
       if not os.path.isdir(os.path.join(run, "checkpoints")):
         continue
-      with open(os.path.join(run, "config.json")) as f:
-        config = distorted_mnist.get_config(cell)
-        fields = workdir_files.flatten_config(config.to_dict())
-        stored = workdir_files.flatten_config(json.load(f))
-        config.update_from_flattened_dict({k: v for k, v in stored.items() if k in fields})
-      task = tasks.build_task(config)
-      model = task.make_model(nnx.Rngs(0))
-      _, optimizer = optim.make_schedule_and_optimizer(config)
-      graphdef, template = steps.create_train_state(model, optimizer)
-      state = checkpoints.Checkpoints(run).restore(template)
-      model = nnx.merge(steps.eval_graphdef(model), state.params, state.rest)
+      task = tasks.build_task(runs.load_config(run))
+      model = runs.restore_model(run, task=task)
       if inputs is None:
         inputs = jnp.asarray(task.test_set()[0][:examples])
       warped, params = model.st(inputs)

@@ -23,10 +23,10 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
-import math
 import os
 import platform
 import sys
@@ -39,12 +39,12 @@ import numpy as np
 from flax import nnx
 
 from stn_jax import checkpoints as checkpoints_lib
-from stn_jax import optim, steps
+from stn_jax import guards, objectives, optim, steps
 from stn_jax import workdir as workdir_files
 
 
-class NonFiniteLossError(FloatingPointError):
-  """The training loss became NaN or infinite."""
+# The loss, a parameter or a transform became NaN or infinite (the name callers catch).
+NonFiniteLossError = guards.NonFiniteError
 
 
 @dataclasses.dataclass
@@ -57,33 +57,90 @@ class Task:
       ``(images, labels)`` of each global training batch, from ``start_step``
       on; it must be a pure function of the step (for exact resumption).
     test_set: ``() -> (images [N, ...], labels)`` the whole test set (labels may be a pytree).
-    terms: per-example loss terms (:func:`stn_jax.steps.classification_terms`).
+    terms: per-example training loss terms (:mod:`stn_jax.objectives`).
     views: ``(model, images) -> (outputs, grids, titles)`` for the figure,
       or ``None`` for models without a spatial transformer.
+    evaluation: how the test set is scored (:class:`stn_jax.objectives.Evaluation`):
+      the named results and which one is the headline; by default
+      :func:`stn_jax.objectives.error_rate` of ``terms``.
   """
   make_model: Callable[[nnx.Rngs], nnx.Module]
   train_batches: Callable[[int], Iterator[tuple[Any, Any]]]
   test_set: Callable[[], tuple[np.ndarray, Any]]
-  terms: steps.Terms = steps.classification_terms
+  terms: objectives.Terms = objectives.classification_terms
   views: Optional[Callable[[nnx.Module, jax.Array], tuple]] = None
+  evaluation: Optional[objectives.Evaluation] = None
 
+  def __post_init__(self):
+    if self.evaluation is None:
+      self.evaluation = (objectives.CLASSIFICATION if self.terms is objectives.classification_terms
+                         else objectives.error_rate(self.terms))
+
+
+# --- Pieces of the loop -------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Periodic:
+  """Due at every multiple of ``every`` steps and at step ``last``."""
+  every: int
+  last: int
+
+  def __call__(self, step: int) -> bool:
+    return step % self.every == 0 or step == self.last
+
+
+class Stopwatch:
+  """Training time: wall time minus what is spent inside :meth:`paused` blocks."""
+
+  def __init__(self):
+    self._mark = time.perf_counter()
+    self._paused = 0.0
+    self.total = 0.0
+
+  @contextlib.contextmanager
+  def paused(self):
+    t0 = time.perf_counter()
+    try:
+      yield
+    finally:
+      self._paused += time.perf_counter() - t0
+
+  def lap(self) -> float:
+    """Seconds of training since the previous lap (added to :attr:`total`)."""
+    now = time.perf_counter()
+    elapsed = now - self._mark - self._paused
+    self._mark, self._paused = now, 0.0
+    self.total += elapsed
+    return elapsed
+
+
+def rounded(value: float, digits: int = 6) -> float:
+  """``value`` to ``digits`` significant digits (what metrics.jsonl and results.json hold)."""
+  return float(f"{float(value):.{digits}g}")
+
+
+def _in_notebook() -> bool:
+  """Whether this process is a Jupyter (IPython) kernel."""
+  ipython = sys.modules.get("IPython")
+  shell = ipython.get_ipython() if ipython is not None else None
+  return shell is not None and hasattr(shell, "kernel")
 
 
 class _Progress:
-  """A tqdm bar on a terminal (process 0), plain log lines otherwise."""
+  """A progress bar on a terminal or in a notebook (``tqdm.auto``), plain log lines otherwise
+  (logs, pipes); silent off process 0."""
 
   def __init__(self, total: int, initial: int, enabled: bool, bar: bool):
     self.enabled = enabled
     self.bar = None
-    if enabled and bar and sys.stderr.isatty():
-      from tqdm import tqdm
+    if enabled and bar and (sys.stderr.isatty() or _in_notebook()):
+      from tqdm.auto import tqdm
       self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
 
-  def update(self, n: int = 1, **postfix) -> None:
+  def update(self, n: int = 1) -> None:
     if self.bar is not None:
       self.bar.update(n)
-      if postfix:
-        self.bar.set_postfix(postfix, refresh=False)
 
   def log(self, line: str) -> None:
     if not self.enabled:
@@ -98,28 +155,27 @@ class _Progress:
       self.bar.close()
 
 
-# --- The loop -----------------------------------------------------------------------------
+def evaluate(eval_step, state, images, labels, *, batch_size: int,
+             evaluation: objectives.Evaluation = objectives.CLASSIFICATION) -> dict:
+  """``evaluation``'s named results over a whole set, each example counted once, and ``count``.
 
-def evaluate(eval_step, state, images, labels, *, batch_size: int) -> dict:
-  """Loss, accuracy and error (%) over a whole set, each example counted once.
-
-  ``batch_size`` is the global evaluation batch; each process evaluates its
-  contiguous shard of the (padded) set.
+  ``eval_step`` is :func:`stn_jax.steps.pmap_eval_step` of the same
+  ``evaluation``; ``batch_size`` is the global evaluation batch; each process
+  evaluates its contiguous shard of the (padded) set.
   """
   count = jax.process_count()
   if batch_size % (count * jax.local_device_count()):
     raise ValueError(f"eval_batch_size {batch_size} must divide by the "
                      f"{count * jax.local_device_count()} devices.")
   local = batch_size // count
-  totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+  totals: dict[str, float] = {}
   for x, y, mask in steps.padded_batches(images, labels, local,
-                                            shard=(jax.process_index(), count)):
+                                         shard=(jax.process_index(), count)):
     sums = eval_step(state, *steps.shard_batch((x, y, mask)))
     for k, value in jax.device_get(steps.unreplicate(sums)).items():
-      totals[k] += float(value)
-  n = totals["count"]
-  return {"loss": totals["loss"] / n, "accuracy": totals["correct"] / n,
-          "error": 100.0 * (1.0 - totals["correct"] / n), "count": n}
+      totals[k] = totals.get(k, 0.0) + float(value)
+  n = totals.pop("count")
+  return {**evaluation.summarise(totals, n), "count": n}
 
 
 def describe_machine() -> str:
@@ -135,158 +191,249 @@ def describe_machine() -> str:
   return f"{os.cpu_count()}-core CPU ({model})"
 
 
-def _check_finite(metrics: dict, step: int, checkpoints: checkpoints_lib.Checkpoints) -> None:
-  loss = float(metrics["loss"])
-  if not math.isfinite(loss):
-    last = checkpoints.latest_step()
-    kept = (f"the last good checkpoint (step {last}) is kept in {checkpoints.directory}"
-            if last is not None else "no checkpoint had been written yet")
-    raise NonFiniteLossError(f"the training loss became {loss} at step {step}; stopping; {kept}.")
+def transformer_figure(task: Task, model: nnx.Module, images, labels=None, *, title: str = ""):
+  """A ``matplotlib.figure.Figure``: test inputs (captioned with true and predicted labels
+  when ``labels`` are given) beside what the model's spatial transformers make of them.
+
+  ``model`` is called on ``images [N, ...]``; ``task.views`` must not be None.
+  """
+  from stn_jax import plotting
+  x = jnp.asarray(images, jnp.float32)
+  outputs, grids, titles = task.views(model, x)
+  captions = None
+  if labels is not None and task.evaluation.describe is not None:
+    captions = task.evaluation.describe(jax.device_get(model(x)), labels)
+  return plotting.transformer_figure(
+      np.asarray(x), [np.asarray(o) for o in outputs],
+      [None if g is None else np.asarray(g) for g in grids],
+      titles=titles, row_labels=captions, suptitle=title)
+
+
+# --- The loop -----------------------------------------------------------------------------
 
 
 def train_and_evaluate(config, task: Task, workdir: str, *,
-                       hooks: Sequence[Callable[[int, steps.TrainState], None]] = ()) -> dict:
-  """Trains ``task`` as ``config`` says, resuming from ``workdir``'s newest checkpoint.
+                       hooks: Sequence[Callable[[int, steps.TrainState], None]] = (),
+                       callbacks: Sequence[Callable[[dict], None]] = ()) -> dict:
+  """Trains ``task`` as ``config`` says, continuing from ``workdir``'s newest checkpoint.
 
   ``config`` (an ``ml_collections.ConfigDict``) needs ``seed``, ``steps``,
   ``batch_size`` (global), ``optimizer`` (see :func:`stn_jax.optim.make_schedule_and_optimizer`),
   ``eval_every``, ``eval_batch_size``, ``log_every``, ``checkpoint_every``
   and may have ``keep_checkpoints``, ``progress``, ``figure_examples``.
+
   ``hooks`` are called as ``hook(step, state)`` after every step (tests use
-  one to simulate a kill). Returns the results written to ``results.json``.
+  one to simulate a kill). ``callbacks`` are called as ``callback(record)``
+  with each record written to ``metrics.jsonl`` (``{"step", "split":
+  "train" | "test", <named values>}``), e.g. to draw a live curve in a
+  notebook.
+
+  Returns the results written to ``results.json`` (``test_<name>`` for each
+  of ``task.evaluation``'s results, ``headline`` naming the main one) plus
+  ``state`` (the final :class:`~stn_jax.steps.TrainState` on the host) and
+  ``model`` (the trained ``nnx`` model in evaluation mode, ready to call).
+
+  Running again with more ``steps`` in the same work directory trains on
+  from the newest checkpoint; settings that change what the checkpoints
+  mean are refused (:class:`stn_jax.workdir.ConfigMismatchError`).
+
+  Before anything is written, the configuration is validated
+  (:func:`stn_jax.guards.validate_config`) and the work directory's lock is
+  taken (:class:`stn_jax.workdir.WorkdirLock`; a second run is refused). A
+  rerun of a finished run returns its stored results and changes nothing.
+  SIGINT/SIGTERM stop the run after the current step with a checkpoint of
+  it (:class:`stn_jax.guards.RunInterrupted`).
   """
-  started = time.time()
-  primary = jax.process_index() == 0
-  config_dict = workdir_files.config_to_dict(config)
-  workdir_files.check_config_matches(workdir, config_dict)
-  os.makedirs(workdir, exist_ok=True)
-  if primary:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(config_dict, f, indent=2, sort_keys=True)
+  guards.validate_config(config)
+  lock = workdir_files.acquire_lock(workdir)
+  try:
+    return _Run(config, task, workdir, callbacks).run(hooks)
+  finally:
+    lock.release()
 
-  num_local = jax.local_device_count()
-  global_batch = config.batch_size
-  if global_batch % jax.device_count():
-    raise ValueError(f"batch_size {global_batch} must divide by the {jax.device_count()} devices "
-                     f"({jax.process_count()} processes x {num_local} local devices).")
 
-  seed = config.seed
-  model = task.make_model(nnx.Rngs(params=seed, dropout=seed))
-  schedule, optimizer = optim.make_schedule_and_optimizer(config)
-  graphdef, state = steps.create_train_state(model, optimizer)
-  eval_graph = steps.eval_graphdef(model)
+class _Run:
+  """One call of :func:`train_and_evaluate`: its model, steps, writers and clocks."""
 
-  checkpoints = checkpoints_lib.Checkpoints(workdir, keep=config.get("keep_checkpoints", 2))
-  start_step = checkpoints.latest_step() or 0
-  if start_step:
-    state = checkpoints.restore(state, start_step)
-  writer = workdir_files.MetricWriter(workdir, enabled=primary, resume_step=start_step)
-  progress = _Progress(config.steps, start_step, primary, config.get("progress", True))
-  progress.log(f"{'resuming at' if start_step else 'starting at'} step {start_step} of "
-               f"{config.steps}; {jax.process_count()} process(es) x {num_local} "
-               f"{jax.devices()[0].device_kind} device(s); global batch {global_batch}; "
-               f"{sum(x.size for x in jax.tree.leaves(state.params)):,} parameters")
+  def __init__(self, config, task: Task, workdir: str, callbacks):
+    self.started = time.time()
+    self.config, self.task, self.workdir, self.callbacks = config, task, workdir, callbacks
+    self.primary = jax.process_index() == 0
+    self.config_dict = workdir_files.config_to_dict(config)
+    workdir_files.check_config_matches(workdir, self.config_dict)
+    model = task.make_model(nnx.Rngs(params=config.seed, dropout=config.seed))
+    self.schedule, self.optimizer = optim.make_schedule_and_optimizer(config)
+    self.graphdef, self.initial = steps.create_train_state(model, self.optimizer)
+    self.eval_graph = steps.eval_graphdef(model)
+    self.checkpoints = checkpoints_lib.Checkpoints(
+        workdir, keep=config.get("keep_checkpoints", 2), sampler=guards.sampler_fingerprint())
 
-  train_step = steps.pmap_train_step(graphdef, optimizer, terms=task.terms)
-  eval_step = steps.pmap_eval_step(eval_graph, terms=task.terms)
-  rng = jax.random.key(seed)
-  test_images, test_labels = task.test_set()
+  def model_of(self, state: steps.TrainState) -> nnx.Module:
+    """The model with ``state``'s weights, in evaluation mode."""
+    return nnx.merge(self.eval_graph, state.params, state.rest)
 
-  def run_eval(replicated, step):
+  def record(self, step: int, split: str, values: dict) -> None:
+    """Writes one record (rounded) to metrics.jsonl/TensorBoard and gives it to the callbacks."""
+    values = {k: rounded(x) for k, x in values.items()}
+    self.writer.write(step, split, values)
+    for callback in self.callbacks:
+      callback({"step": int(step), "split": split, **values})
+
+  def run(self, hooks) -> dict:
+    config = self.config
+    stored = workdir_files.finished_results(self.workdir, self.config_dict)
+    final = self.checkpoints.restore_verified(self.initial, config.steps) if stored else None
+    if final is not None:   # A finished run: report it, change nothing.
+      self.checkpoints.close()
+      if self.primary:
+        headline = stored.get("headline", "error")
+        print(f"{self.workdir} holds this finished run: test {headline} "
+              f"{stored['test_' + headline]:.4g} after {stored['steps']} steps; nothing was "
+              "changed.", flush=True)
+      final = jax.device_get(final)
+      return {**stored, "state": final, "model": self.model_of(final)}
+    restored, self.start_step = self.checkpoints.restore_newest_intact(self.initial)
+    if self.start_step > config.steps:
+      self.checkpoints.close()
+      raise ValueError(f"the work directory {self.workdir} holds a checkpoint at step "
+                       f"{self.start_step}, beyond steps={config.steps}; ask for at least "
+                       f"{self.start_step} steps, or use a new work directory.")
+    state = self.initial if restored is None else restored
+    if self.primary:
+      workdir_files.write_config(self.workdir, self.config_dict)
+    self.writer = workdir_files.MetricWriter(self.workdir, enabled=self.primary,
+                                             resume_step=self.start_step)
+    self.progress = _Progress(config.steps, self.start_step, self.primary,
+                              config.get("progress", True))
+    self.progress.log(
+        f"{'resuming at' if self.start_step else 'starting at'} step {self.start_step} of "
+        f"{config.steps}; {jax.process_count()} process(es) x {jax.local_device_count()} "
+        f"{jax.devices()[0].device_kind} device(s); global batch {config.batch_size}; "
+        f"{sum(x.size for x in jax.tree.leaves(state.params)):,} parameters")
+    self.eval_step = steps.pmap_eval_step(self.eval_graph, evaluation=self.task.evaluation)
+    self.test_images, self.test_labels = self.task.test_set()
+    if self.primary and hasattr(self.writer, "write_text"):  # TensorBoard text, where supported
+      self.writer.write_text("config", json.dumps(self.config_dict, indent=2, sort_keys=True))
+    try:
+      replicated, result = self.train(steps.replicate(state, jax.local_device_count()), hooks)
+      return self.finish(jax.device_get(steps.unreplicate(replicated)), result)
+    finally:
+      self.progress.close()
+      self.writer.close()
+      self.checkpoints.close()
+
+  def evaluate(self, replicated, step: int) -> dict:
     t0 = time.time()
-    result = evaluate(eval_step, replicated, test_images, test_labels,
-                      batch_size=config.eval_batch_size)
-    writer.write(step, "test", {k: result[k] for k in ("loss", "accuracy", "error")})
-    progress.log(f"step {step}: test error {result['error']:.2f}% "
-                 f"(loss {result['loss']:.4f}, {int(result['count'])} examples, "
-                 f"{time.time() - t0:.1f} s)")
+    evaluation = self.task.evaluation
+    result = evaluate(self.eval_step, replicated, self.test_images, self.test_labels,
+                      batch_size=self.config.eval_batch_size, evaluation=evaluation)
+    self.record(step, "test", {k: v for k, v in result.items() if k != "count"})
+    others = ", ".join(f"{k} {v:.4g}" for k, v in result.items()
+                       if k not in (evaluation.headline, "count"))
+    self.progress.log(f"step {step}: test {evaluation.headline} {result[evaluation.headline]:.4g}"
+                      f" ({others}; {int(result['count'])} examples, {time.time() - t0:.1f} s)")
     return result
 
-  replicated = steps.replicate(state, num_local)
-  del state
-  batches = task.train_batches(start_step)
-  pending = None            # (step, metrics) of the last dispatched step, not yet checked.
-  window = {"start": start_step, "t": time.time(), "excluded_s": 0.0}
-  result = None
-  train_seconds = 0.0
-  try:
-    for step in range(start_step, config.steps):
-      images, labels = next(batches)
-      x, y = steps.shard_batch((images, labels), num_local)
-      replicated, metrics = train_step(replicated, x, y, rng)
-      if pending is not None:        # Check the previous step while this one runs.
-        _check_finite(jax.device_get(steps.unreplicate(pending[1])), pending[0], checkpoints)
-      pending = (step, metrics)
-      done = step + 1
-      for hook in hooks:
-        hook(done, replicated)
-      host = None
-      is_last = done == config.steps
-      if done % config.log_every == 0 or is_last or done % config.checkpoint_every == 0:
-        host = jax.device_get(steps.unreplicate(metrics))
-        _check_finite(host, step, checkpoints)
-        pending = None
-      progress.update(1)
-      if done % config.log_every == 0 or is_last:
-        elapsed = time.time() - window["t"] - window["excluded_s"]
-        steps_in_window = done - window["start"]
-        train_seconds += elapsed
-        values = {"loss": float(host["loss"]), "accuracy": float(host["accuracy"]),
-                  "grad_norm": float(host["grad_norm"]), "learning_rate": float(schedule(step)),
-                  "images_per_second": steps_in_window * global_batch / max(elapsed, 1e-9)}
-        writer.write(done, "train", values)
-        progress.log(f"step {done}: loss {values['loss']:.4f} acc {values['accuracy']:.3f} "
-                     f"lr {values['learning_rate']:.2g} "
-                     f"{values['images_per_second']:.0f} img/s")
-        window = {"start": done, "t": time.time(), "excluded_s": 0.0}
-      if done % config.eval_every == 0 or is_last:
-        t0 = time.time()
-        result = run_eval(replicated, done)
-        window["excluded_s"] += time.time() - t0
-      if done % config.checkpoint_every == 0 or is_last:
-        t0 = time.time()
-        checkpoints.save(steps.unreplicate(replicated))
-        window["excluded_s"] += time.time() - t0
-    if result is None:   # Resumed a finished run: evaluate its final state.
-      result = run_eval(replicated, config.steps)
-  finally:
-    progress.close()
-    writer.close()
-    checkpoints.close()
+  def log_train(self, done: int, host: dict, window_steps: int, seconds: float) -> None:
+    values = {"loss": float(host["loss"]), "accuracy": float(host["accuracy"]),
+              "grad_norm": float(host["grad_norm"]), "learning_rate": float(self.schedule(done - 1)),
+              "images_per_second": window_steps * self.config.batch_size / max(seconds, 1e-9)}
+    self.record(done, "train", values)
+    self.progress.log(f"step {done}: loss {values['loss']:.4f} acc {values['accuracy']:.3f} "
+                      f"lr {values['learning_rate']:.2g} {values['images_per_second']:.0f} img/s")
 
-  final = jax.device_get(steps.unreplicate(replicated))
-  results = {
-      "test_error": round(result["error"], 4), "test_loss": round(result["loss"], 6),
-      "test_examples": int(result["count"]), "steps": config.steps,
-      "global_batch": global_batch, "resumed_from_step": start_step,
-      "train_seconds_this_run": round(train_seconds, 1),
-      "wall_seconds_this_run": round(time.time() - started, 1),
-      "device_kind": jax.devices()[0].device_kind, "platform": jax.default_backend(),
-      "machine": describe_machine(),
-      "num_devices": jax.device_count(), "process_count": jax.process_count(),
-      "jax_version": jax.__version__,
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "config": config_dict,
-  }
-  if primary:
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-      json.dump(results, f, indent=2)
-    if task.views is not None and config.get("figure_examples", 0):
-      _write_figure(task, eval_graph, final, test_images, config, workdir)
-      progress.log(f"wrote {os.path.join(workdir, 'transformers.png')}")
-  progress.log(f"done: test error {results['test_error']:.2f}% after {config.steps} steps; "
-               f"results in {os.path.join(workdir, 'results.json')}")
-  results["state"] = final
-  return results
+  def check_finite(self, metrics, step: int) -> None:
+    guards.check_finite(jax.device_get(steps.unreplicate(metrics)), step,
+                        self.checkpoints.describe_kept)
 
+  # The step loop stays in one piece: the order of dispatch, the deferred finiteness check
+  # of the previous step and the periodic actions is what keeps the devices busy.
+  def train(self, replicated, hooks):
+    """Steps from ``start_step`` to ``config.steps``; ``(replicated state, last evaluation)``."""
+    config, last = self.config, self.config.steps
+    log, evaluate_now, checkpoint_now = (Periodic(config.log_every, last),
+                                         Periodic(config.eval_every, last),
+                                         Periodic(config.checkpoint_every, last))
+    train_step = steps.pmap_train_step(self.graphdef, self.optimizer, terms=self.task.terms)
+    rng = jax.random.key(config.seed)
+    batches = self.task.train_batches(self.start_step)
+    pending = None            # (step, metrics) of the last dispatched step, not yet checked.
+    clock, window_start = Stopwatch(), self.start_step
+    self.clock = clock
+    result = None
+    signals = guards.StopSignals()
+    try:
+      for step in range(self.start_step, last):
+        images, labels = next(batches)
+        x, y = steps.shard_batch((images, labels), jax.local_device_count())
+        replicated, metrics = train_step(replicated, x, y, rng)
+        if pending is not None:        # Check the previous step while this one runs.
+          self.check_finite(pending[1], pending[0])
+        pending = (step, metrics)
+        done = step + 1
+        for hook in hooks:
+          hook(done, replicated)
+        if log(done) or checkpoint_now(done):
+          host = jax.device_get(steps.unreplicate(metrics))
+          guards.check_finite(host, step, self.checkpoints.describe_kept)
+          pending = None
+        self.progress.update(1)
+        if log(done):
+          self.log_train(done, host, done - window_start, clock.lap())
+          window_start = done
+        if evaluate_now(done):
+          with clock.paused():
+            result = self.evaluate(replicated, done)
+        if checkpoint_now(done):
+          with clock.paused():
+            self.checkpoints.save(steps.unreplicate(replicated))
+        if (received := signals.requested(done)) and done != last:
+          self.check_finite(metrics, step)
+          self.checkpoints.save(steps.unreplicate(replicated))
+          raise guards.RunInterrupted(received, done, str(self.checkpoints.directory))
+      if result is None:   # Nothing left to train (a finished run): evaluate its final state.
+        result = self.evaluate(replicated, last)
+    finally:
+      signals.close()
+    return replicated, result
 
-def _write_figure(task, eval_graph, state, images, config, workdir) -> None:
-  from stn_jax import plotting
-  model = nnx.merge(eval_graph, state.params, state.rest)
-  n = config.figure_examples
-  x = jnp.asarray(images[:n], jnp.float32)
-  outputs, grids, titles = task.views(model, x)
-  plotting.save_transformer_figure(
-      os.path.join(workdir, "transformers.png"), np.asarray(x),
-      [np.asarray(o) for o in outputs], [None if g is None else np.asarray(g) for g in grids],
-      titles=titles, suptitle=config.get("name", ""))
+  def finish(self, final: steps.TrainState, result: dict) -> dict:
+    """Writes results.json and the figure; returns the results with the state and the model."""
+    config, evaluation = self.config, self.task.evaluation
+    results = {f"test_{k}": rounded(v) for k, v in result.items() if k != "count"}
+    results.update({
+        "headline": evaluation.headline, "test_examples": int(result["count"]),
+        "steps": config.steps, "global_batch": config.batch_size,
+        "resumed_from_step": self.start_step,
+        "train_seconds_this_run": round(getattr(self, "clock", Stopwatch()).total, 1),
+        "wall_seconds_this_run": round(time.time() - self.started, 1),
+        "device_kind": jax.devices()[0].device_kind, "platform": jax.default_backend(),
+        "machine": describe_machine(),
+        "num_devices": jax.device_count(), "process_count": jax.process_count(),
+        "jax_version": jax.__version__, "sampler": guards.sampler_fingerprint(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "config": self.config_dict,
+    })
+    model = self.model_of(final)
+    if self.primary:
+      workdir_files.write_results(self.workdir, results)
+      if self.task.views is not None and config.get("figure_examples", 0):
+        self.write_figure(model)
+    self.progress.log(f"done: test {evaluation.headline} "
+                      f"{results['test_' + evaluation.headline]:.4g} after {config.steps} steps; "
+                      f"results in {os.path.join(self.workdir, 'results.json')}")
+    return {**results, "state": final, "model": model}
+
+  def write_figure(self, model: nnx.Module) -> None:
+    """``transformers.png`` (and the same figure and the config in TensorBoard, when the
+    metric writer supports them)."""
+    n = self.config.figure_examples
+    labels = jax.tree.map(lambda y: np.asarray(y)[:n], self.test_labels)
+    figure = transformer_figure(self.task, model, self.test_images[:n], labels,
+                                title=self.config.get("name", ""))
+    path = workdir_files.resolve(self.workdir) / "transformers.png"
+    with workdir_files.local_file(path) as local:
+      figure.savefig(local, dpi=100)
+    if hasattr(self.writer, "write_figure"):  # TensorBoard image, where supported
+      self.writer.write_figure(self.config.steps, "transformers", figure)
+    self.progress.log(f"wrote {path}")

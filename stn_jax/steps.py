@@ -6,7 +6,7 @@ steps are pure functions of ``(state, batch, rng)`` so that they run under
 of all processes in a multi-host run), with gradients and metrics averaged
 across devices by ``jax.lax.pmean`` and evaluation sums added by ``psum``.
 
-Loss functions are *per example*: ``terms(outputs, labels) -> (loss [B],
+Loss functions are *per example* (:mod:`stn_jax.objectives`): ``terms(outputs, labels) -> (loss [B],
 correct [B])``. Training averages them; evaluation sums them under a mask, so
 that a padded last batch counts each real example exactly once.
 
@@ -16,7 +16,7 @@ steps (evaluation schedule, checkpoints, metrics) is :mod:`stn_jax.loop`.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,9 +24,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-AXIS = "devices"
+from stn_jax import guards
 
-Terms = Callable[[Any, Any], tuple[jax.Array, jax.Array]]
+from stn_jax.objectives import CLASSIFICATION, Evaluation, Terms, classification_terms
+
+AXIS = "devices"
 
 
 class TrainState(NamedTuple):
@@ -56,34 +58,6 @@ def eval_graphdef(model: nnx.Module):
   return graphdef
 
 
-# --- Per-example loss terms ---------------------------------------------------------------
-
-
-def classification_terms(logits: jax.Array, labels: jax.Array):
-  """Softmax cross entropy ``[B]`` and correctness ``[B]`` (float) for integer labels ``[B]``."""
-  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  return loss, (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-
-
-def sequence_terms(outputs, labels):
-  """Multi-digit sequences (Goodfellow et al. 2014, the paper's SVHN set-up).
-
-  ``outputs = (length_logits [B, L + 2], digit_logits [B, L, 11])`` and
-  ``labels = (lengths [B], digits [B, L])`` with 10 meaning "no digit". The
-  loss is the length cross entropy plus the sum of the per-position digit
-  cross entropies; an example is correct when its length and every position
-  are right (the paper's sequence error is one minus this).
-  """
-  length_logits, digit_logits = outputs
-  lengths, digits = labels
-  loss = (optax.softmax_cross_entropy_with_integer_labels(length_logits, lengths)
-          + optax.softmax_cross_entropy_with_integer_labels(digit_logits, digits).sum(-1))
-  correct = ((jnp.argmax(length_logits, -1) == lengths)
-             & jnp.all(jnp.argmax(digit_logits, -1) == digits, -1))
-  return loss, correct.astype(jnp.float32)
-
-
-
 # --- Steps --------------------------------------------------------------------------------
 
 
@@ -104,15 +78,20 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, *,
   it, so that every device draws its own masks and a resumed run draws what
   an uninterrupted one would. With ``axis_name`` the gradients and metrics
   are averaged over that axis, so every device applies the same update.
-  ``metrics``: mean ``loss`` and ``accuracy`` of the batch, ``grad_norm``.
+  ``metrics``: mean ``loss`` and ``accuracy`` of the batch, ``grad_norm``,
+  and ``finite``: a flag (1.0 if finite) per updated parameter array and per
+  localisation net output (:mod:`stn_jax.guards`; a NaN localisation net
+  leaves the loss finite).
   """
 
   def step(state: TrainState, images, labels, rng):
     def loss_of(params):
       model = nnx.merge(graphdef, params, state.rest, copy=True)
       nnx.reseed(model, dropout=step_rng(rng, state.step, axis_name))
-      loss, correct = terms(model(images), labels)
-      metrics = {"loss": loss.mean(), "accuracy": correct.mean()}
+      outputs, captured = guards.capture_call(model, images)
+      loss, correct = terms(outputs, labels)
+      metrics = {"loss": loss.mean(), "accuracy": correct.mean(),
+                 "finite": guards.transform_flags(captured)}
       return loss.mean(), (metrics, nnx.state(model, nnx.Not(nnx.Param)))
 
     grads, (metrics, rest) = jax.grad(loss_of, has_aux=True)(state.params)
@@ -122,27 +101,28 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, *,
     metrics["grad_norm"] = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    metrics["finite"].update(guards.parameter_flags(params))
     return TrainState(state.step + 1, params, rest, opt_state), metrics
 
   return step
 
 
-def make_eval_step(graphdef, *, terms: Terms = classification_terms,
+def make_eval_step(graphdef, *, evaluation: Evaluation = CLASSIFICATION,
                    axis_name: Optional[str] = None):
   """A pure step ``(state, images, labels, mask) -> sums``.
 
   ``graphdef`` should be in evaluation mode (:func:`eval_graphdef`).
-  ``mask [B]`` is 1 for real examples and 0 for padding; ``sums`` holds
-  ``loss`` and ``correct`` summed over real examples and their ``count``,
-  summed over ``axis_name`` too when given.
+  ``mask [B]`` is 1 for real examples and 0 for padding; ``sums`` holds each
+  of ``evaluation.per_example``'s values summed over the real examples, and
+  their ``count``, summed over ``axis_name`` too when given.
   """
 
   def step(state: TrainState, images, labels, mask):
     model = nnx.merge(graphdef, state.params, state.rest)
-    loss, correct = terms(model(images), labels)
+    values = evaluation.per_example(model(images), labels)
     mask = mask.astype(jnp.float32)
-    sums = {"loss": jnp.sum(loss * mask), "correct": jnp.sum(correct * mask),
-            "count": jnp.sum(mask)}
+    sums = {name: jnp.sum(value * mask) for name, value in values.items()}
+    sums["count"] = jnp.sum(mask)
     if axis_name is not None:
       sums = jax.lax.psum(sums, axis_name)
     return sums

@@ -1,24 +1,28 @@
-"""Builds a :class:`stn_jax.loop.Task` (model, data streams, loss) from a config.
+"""Builds a :class:`stn_jax.loop.Task` (model, data streams, loss, metrics) from a config.
 
-``config.task`` selects the family: ``distorted_mnist`` (Table 1 and the
-translated/cluttered variants), ``mnist_addition``, ``sequences``, ``svhn``,
-``cub``. Training streams are pure functions of ``(seed, step)``: each step's
-examples and distortions are drawn from ``fold_in(seed, step)``, so a resumed
-run sees exactly the data an uninterrupted one would.
+``config.task`` names the builder in :data:`TASKS` (the one list of tasks):
+``distorted_mnist`` (Table 1 and the translated/cluttered variants),
+``mnist_addition``, ``sequences``, ``svhn``, ``cub``. Adding a task: its
+builder function plus one entry in :data:`TASKS`.
+
+Training streams are pure functions of ``(seed, step)`` and do not depend on
+the number of processes: each step's examples are drawn from the epoch order
+of ``(seed, epoch)``, and the example at position ``i`` of global batch ``s``
+is distorted with the key ``fold_in(fold_in(key(seed), s), i)``, so a resumed
+run sees exactly the data an uninterrupted one would, on any process count.
 """
 
 from __future__ import annotations
 
+import functools
 import os
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 import jax
 import numpy as np
 
-from stn_jax import datasets, distortions, models, steps
+from stn_jax import datasets, distortions, models, objectives
 from stn_jax.loop import Task
-
-TASKS = ("distorted_mnist", "mnist_addition", "sequences", "svhn", "cub")
 
 
 def default_data_dir(data_dir: Optional[str]) -> Optional[str]:
@@ -37,6 +41,21 @@ def mnist_arrays(config, split: str) -> tuple[np.ndarray, np.ndarray]:
     raise ValueError(f"config.data must be 'mnist' or 'synthetic' for {config.task}; "
                      f"got {config.data!r}.")
   return datasets.load_mnist(split, data_dir=default_data_dir(config.data_dir))
+
+
+def _stream(batch_of_step: Callable[[int], tuple], start_step: int) -> Iterator[tuple]:
+  """``batch_of_step(step)`` for ``step = start_step, start_step + 1, ...`` (endless)."""
+  step = start_step
+  while True:
+    yield batch_of_step(step)
+    step += 1
+
+
+def _example_keys(seed: int, step: int, shard: slice, count: int) -> jax.Array:
+  """Keys ``[count]`` of the examples at positions ``shard.start, ...`` of global batch ``step``."""
+  positions = np.arange(shard.start or 0, (shard.start or 0) + count)
+  return jax.vmap(jax.random.fold_in, (None, 0))(
+      jax.random.fold_in(jax.random.key(seed), step), positions)
 
 
 def _transformer_views(transformers, x_for_each):
@@ -60,7 +79,7 @@ def distorted_mnist(config) -> Task:
 
   def make_model(rngs):
     return models.DistortedMnistModel(in_hw, backbone=config.backbone,
-                                      transform=config.transform or None,
+                                      transform=config.transform,
                                       post_pool=config.post_pool, rngs=rngs)
 
   def train_batches(start_step):
@@ -75,19 +94,30 @@ def distorted_mnist(config) -> Task:
   views = None
   if config.transform:
     views = lambda model, x: _transformer_views([model.st], [x])  # noqa: E731
-  return Task(make_model, train_batches, test_set, steps.classification_terms, views)
+  return Task(make_model, train_batches, test_set, objectives.classification_terms, views,
+              objectives.CLASSIFICATION)
 
 
 # --- MNIST addition ---------------------------------------------------------------------
 
 
-def _addition_batch(images, labels, *, variant, batch, seed, step, shard):
+@functools.partial(jax.jit, static_argnames="variant")
+def _addition_each(keys, first, second, labels_first, labels_second, variant):
+  """:func:`stn_jax.distortions.addition_pairs` with one key per example (``keys [B]``)."""
+  def one(key, a, b, label_a, label_b):
+    x, y = distortions.addition_pairs(key, a[None], b[None], label_a[None], label_b[None],
+                                      variant)
+    return x[0], y[0]
+  return jax.vmap(one)(keys, first, second, labels_first, labels_second)
+
+
+def addition_batch(images, labels, *, variant, batch, seed, step, shard):
+  """``shard`` of global batch ``step`` of MNIST addition: ``(images [b, H, W, 2], sums [b])``."""
   first = datasets.batch_indices(len(images), batch, seed, step, shard)
   second = datasets.batch_indices(len(images), batch, seed + 7919, step, shard)
-  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step),
-                           shard.start or 0)
-  x, y = distortions.addition_pairs(key, images[first], images[second],
-                                    labels[first], labels[second], variant)
+  keys = _example_keys(seed, step, shard, len(first))
+  x, y = _addition_each(keys, images[first], images[second], labels[first], labels[second],
+                        variant)
   return np.asarray(x), np.asarray(y)
 
 
@@ -103,35 +133,43 @@ def mnist_addition(config) -> Task:
     return models.AdditionModel(in_hw, transform=config.transform, rngs=rngs)
 
   def train_batches(start_step):
-    step = start_step
-    while True:
-      yield _addition_batch(train_images, train_labels, variant=config.variant,
-                            batch=config.batch_size, seed=config.seed, step=step, shard=shard)
-      step += 1
+    return _stream(lambda step: addition_batch(
+        train_images, train_labels, variant=config.variant, batch=config.batch_size,
+        seed=config.seed, step=step, shard=shard), start_step)
 
   def test_set():
-    n = len(test_images)
-    x, y = _addition_batch(test_images, test_labels, variant=config.variant, batch=n,
-                           seed=config.test_seed, step=0, shard=slice(None))
-    return x, y
+    return addition_batch(test_images, test_labels, variant=config.variant,
+                           batch=len(test_images), seed=config.test_seed, step=0,
+                           shard=slice(None))
 
   views = None
   if config.transform:
     views = lambda model, x: _transformer_views(model.parallel.transformers,  # noqa: E731
                                                 [x] * len(model.parallel.transformers))
-  return Task(make_model, train_batches, test_set, steps.classification_terms, views)
+  return Task(make_model, train_batches, test_set, objectives.classification_terms, views,
+              objectives.CLASSIFICATION)
 
 
 # --- Multi-digit sequences (MNIST stand-in for SVHN) and SVHN -----------------------------
 
 
-def _sequence_batch(images, labels, *, batch, max_digits, canvas, seed, step, shard):
+@functools.partial(jax.jit, static_argnames=("canvas_hw", "max_digits"))
+def _sequences_each(keys, digits, labels, canvas_hw, max_digits):
+  """:func:`stn_jax.distortions.digit_sequences` with one key per example (``keys [B]``)."""
+  def one(key, d, y):
+    x, lengths, slots = distortions.digit_sequences(key, d[None], y[None], canvas_hw=canvas_hw,
+                                                    max_digits=max_digits)
+    return x[0], lengths[0], slots[0]
+  return jax.vmap(one)(keys, digits, labels)
+
+
+def sequence_batch(images, labels, *, batch, max_digits, canvas, seed, step, shard):
+  """``shard`` of global batch ``step`` of digit sequences: ``(images, (lengths, digits))``."""
   idx = np.stack([datasets.batch_indices(len(images), batch, seed + 104729 * k, step, shard)
                   for k in range(max_digits)], 1)
-  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), shard.start or 0)
-  x, lengths, digits = distortions.digit_sequences(key, images[idx], labels[idx],
-                                                   canvas_hw=(canvas, canvas),
-                                                   max_digits=max_digits)
+  keys = _example_keys(seed, step, shard, len(idx))
+  x, lengths, digits = _sequences_each(keys, images[idx], labels[idx], (canvas, canvas),
+                                       max_digits)
   return np.asarray(x), (np.asarray(lengths), np.asarray(digits))
 
 
@@ -149,24 +187,22 @@ def sequences(config) -> Task:
   hw = (config.canvas, config.canvas)
 
   def make_model(rngs):
-    return models.MultiDigitCNN(hw, in_channels=1, st=config.st or None,
+    return models.MultiDigitCNN(hw, in_channels=1, st=config.st,
                                 max_digits=config.max_digits, rngs=rngs)
 
   def train_batches(start_step):
-    step = start_step
-    while True:
-      yield _sequence_batch(train_images, train_labels, batch=config.batch_size,
-                            max_digits=config.max_digits, canvas=config.canvas,
-                            seed=config.seed, step=step, shard=shard)
-      step += 1
+    return _stream(lambda step: sequence_batch(
+        train_images, train_labels, batch=config.batch_size, max_digits=config.max_digits,
+        canvas=config.canvas, seed=config.seed, step=step, shard=shard), start_step)
 
   def test_set():
-    return _sequence_batch(test_images, test_labels, batch=len(test_images),
+    return sequence_batch(test_images, test_labels, batch=len(test_images),
                            max_digits=config.max_digits, canvas=config.canvas,
                            seed=config.test_seed, step=0, shard=slice(None))
 
   views = _multi_digit_views if config.st else None
-  return Task(make_model, train_batches, test_set, steps.sequence_terms, views)
+  return Task(make_model, train_batches, test_set, objectives.sequence_terms, views,
+              objectives.SEQUENCES)
 
 
 def _as_sequences(labels):
@@ -181,21 +217,19 @@ def svhn(config) -> Task:
   shard = datasets.shard_of_batch(config.batch_size)
 
   def make_model(rngs):
-    return models.MultiDigitCNN((32, 32), in_channels=3, st=config.st or None, max_digits=1,
+    return models.MultiDigitCNN((32, 32), in_channels=3, st=config.st, max_digits=1,
                                 rngs=rngs)
 
-  def train_batches(start_step):
-    step = start_step
-    while True:
-      idx = datasets.batch_indices(len(train_images), config.batch_size, config.seed, step, shard)
-      yield train_images[idx].astype(np.float32) / 255.0, _as_sequences(train_labels[idx])
-      step += 1
+  def batch(step):
+    idx = datasets.batch_indices(len(train_images), config.batch_size, config.seed, step, shard)
+    return train_images[idx].astype(np.float32) / 255.0, _as_sequences(train_labels[idx])
 
   def test_set():
     return test_images.astype(np.float32) / 255.0, _as_sequences(test_labels)
 
   views = _multi_digit_views if config.st else None
-  return Task(make_model, train_batches, test_set, steps.sequence_terms, views)
+  return Task(make_model, functools.partial(_stream, batch), test_set,
+              objectives.sequence_terms, views, objectives.SEQUENCES)
 
 
 # --- CUB-200 ------------------------------------------------------------------------------
@@ -217,14 +251,13 @@ def cub(config) -> Task:
     return models.ParallelSTClassifier(backbone, 256, num_transformers=config.num_transformers,
                                        in_hw=(size, size), crop_hw=(224, 224), rngs=rngs)
 
-  def train_batches(start_step):
-    step = start_step
-    while True:
-      idx = datasets.batch_indices(len(train_images), config.batch_size, config.seed, step, shard)
-      x = train_images[idx].astype(np.float32) / 255.0
-      flip = np.random.default_rng([config.seed, step]).random(len(idx)) < 0.5
-      yield np.where(flip[:, None, None, None], x[:, :, ::-1], x), train_labels[idx]
-      step += 1
+  def batch(step):
+    idx = datasets.batch_indices(len(train_images), config.batch_size, config.seed, step, shard)
+    x = train_images[idx].astype(np.float32) / 255.0
+    # Flips drawn per global-batch position, so that they do not depend on the process count.
+    positions = np.arange(shard.start, shard.start + len(idx))
+    flip = np.random.default_rng([config.seed, step]).random(config.batch_size)[positions] < 0.5
+    return np.where(flip[:, None, None, None], x[:, :, ::-1], x), train_labels[idx]
 
   def test_set():
     return test_images.astype(np.float32) / 255.0, test_labels
@@ -233,13 +266,17 @@ def cub(config) -> Task:
   if config.num_transformers:
     views = lambda model, x: _transformer_views(  # noqa: E731
         model.parallel.transformers, [x] * config.num_transformers)
-  return Task(make_model, train_batches, test_set, steps.classification_terms, views)
+  return Task(make_model, functools.partial(_stream, batch), test_set,
+              objectives.classification_terms, views, objectives.CLASSIFICATION)
+
+
+# The one list of tasks: config.task -> its builder.
+TASKS = {"distorted_mnist": distorted_mnist, "mnist_addition": mnist_addition,
+         "sequences": sequences, "svhn": svhn, "cub": cub}
 
 
 def build_task(config) -> Task:
-  """The :class:`~stn_jax.loop.Task` named by ``config.task``."""
-  builders = {"distorted_mnist": distorted_mnist, "mnist_addition": mnist_addition,
-              "sequences": sequences, "svhn": svhn, "cub": cub}
-  if config.task not in builders:
+  """The :class:`~stn_jax.loop.Task` named by ``config.task`` (a key of :data:`TASKS`)."""
+  if config.task not in TASKS:
     raise ValueError(f"unknown config.task {config.task!r}; choose one of: {', '.join(TASKS)}.")
-  return builders[config.task](config)
+  return TASKS[config.task](config)

@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import jax.numpy as jnp
@@ -14,42 +15,12 @@ import optax
 import pytest
 from flax import nnx
 
-from stn_jax import checkpoints, loop, optim, steps, tasks, workdir
-from stn_jax.configs import distorted_mnist
+from stn_jax import (checkpoints, configs, datasets, loop, objectives, optim, runs, steps, tasks,
+                     workdir)
+from tests.conftest import assert_same_params, params_of, tiny_config
 from tests.multidevice import run_with_devices
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_config(name="st_fcn_affine_r", **overrides):
-  c = distorted_mnist.get_config(name)
-  c.data = "synthetic"
-  c.synthetic_examples = 512
-  c.steps = 6
-  c.batch_size = 16
-  c.eval_batch_size = 64
-  c.log_every = 2
-  c.eval_every = 3
-  c.checkpoint_every = 2
-  c.figure_examples = 0
-  c.progress = False
-  c.optimizer.learning_rate = 0.05
-  for key, value in overrides.items():
-    target = c
-    *path, last = key.split(".")
-    for p in path:
-      target = target[p]
-    target[last] = value
-  return c
-
-
-def params_of(results):
-  return jax.tree.leaves(results["state"].params)
-
-
-def assert_same_params(a, b, **tol):
-  for x, y in zip(a, b):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), **(tol or dict(rtol=0, atol=0)))
 
 
 # --- The loop -----------------------------------------------------------------------------
@@ -61,7 +32,8 @@ def test_loss_falls_and_outputs_are_written(tmp_path):
                                                             "optimizer.learning_rate": 3e-3,
                                              "optimizer.schedule": "constant"})
   config.variant = "translated"  # 60x60, where the ST has work to do
-  results = loop.train_and_evaluate(config, tasks.build_task(config), str(tmp_path))
+  task, seen = tasks.build_task(config), []
+  results = loop.train_and_evaluate(config, task, str(tmp_path), callbacks=[seen.append])
   records = workdir.read_metrics(str(tmp_path))
   train = [r for r in records if r["split"] == "train"]
   assert [r["step"] for r in train] == [20, 40, 60]
@@ -75,6 +47,21 @@ def test_loss_falls_and_outputs_are_written(tmp_path):
   assert stored["config"]["variant"] == "translated" and stored["device_kind"]
   assert (tmp_path / "transformers.png").stat().st_size > 5000
   assert os.listdir(tmp_path / "tensorboard")
+  # The callbacks saw each record as metrics.jsonl holds it.
+  assert [(r["step"], r["split"], r["loss"]) for r in seen] == [
+      (r["step"], r["split"], r["loss"]) for r in records]
+  assert results["headline"] == "error"
+  assert results["test_accuracy"] == pytest.approx(1 - results["test_error"] / 100, abs=1e-5)
+  # The returned model, and the one restored from the work directory, are the trained one.
+  images, labels = task.test_set()
+  x = jnp.asarray(images[:8])
+  restored = runs.restore_model(str(tmp_path), task=task)
+  np.testing.assert_array_equal(np.asarray(results["model"](x)), np.asarray(restored(x)))
+  assert runs.load_config(str(tmp_path)).variant == "translated"
+  from matplotlib.figure import Figure
+  figure = loop.transformer_figure(task, restored, images[:2], labels[:2])
+  assert isinstance(figure, Figure)
+  assert figure.axes[0].get_xlabel().startswith(f"true {labels[0]}, predicted ")
 
 
 def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
@@ -100,11 +87,11 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
   assert logged == [(r["step"], r["split"]) for r in workdir.read_metrics(str(tmp_path / "whole"))]
 
 
-def test_resuming_a_finished_run_only_evaluates(tmp_path):
+def test_rerunning_a_finished_run_returns_its_stored_results(tmp_path):
   config = tiny_config(steps=2)
   first = loop.train_and_evaluate(config, tasks.build_task(config), str(tmp_path))
   again = loop.train_and_evaluate(config, tasks.build_task(config), str(tmp_path))
-  assert again["resumed_from_step"] == 2
+  assert again["resumed_from_step"] == 0   # the stored run's; tests/test_reliability.py has more
   assert again["test_error"] == first["test_error"]
   assert_same_params(params_of(first), params_of(again))
 
@@ -146,7 +133,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
 def test_batch_must_divide_by_the_devices(tmp_path):
   run_with_devices(f"""
       from stn_jax import loop, tasks
-      from tests.test_trainer import tiny_config
+      from tests.conftest import tiny_config
       config = tiny_config(batch_size=12)
       try:
         loop.train_and_evaluate(config, tasks.build_task(config), {str(tmp_path)!r})
@@ -154,6 +141,70 @@ def test_batch_must_divide_by_the_devices(tmp_path):
         assert "batch_size 12 must divide by the 8 devices" in str(e), e
         print("ok")
   """)
+
+
+def test_a_task_defines_its_own_metrics(tmp_path):
+  """A task's own Evaluation (here top-2 accuracy) reaches metrics and results; no loop change."""
+  config = tiny_config("fcn_r", steps=2, eval_every=2)
+  task = tasks.build_task(config)
+
+  def top2(logits, labels):
+    return jnp.any(jnp.argsort(logits, -1)[:, -2:] == labels[:, None], -1).astype(jnp.float32)
+
+  task.evaluation = objectives.Evaluation(
+      per_example=lambda logits, labels: {"top2": top2(logits, labels)},
+      summarise=lambda sums, n: {"top2_accuracy": 100 * sums["top2"] / n}, headline="top2_accuracy")
+  seen = []
+  results = loop.train_and_evaluate(config, task, str(tmp_path), callbacks=[seen.append])
+  assert results["headline"] == "top2_accuracy" and "test_error" not in results
+  images, labels = task.test_set()
+  expected = 100 * float(top2(results["model"](jnp.asarray(images)), labels).mean())
+  assert results["test_top2_accuracy"] == pytest.approx(expected, rel=1e-5)
+  assert [r for r in seen if r["split"] == "test"][-1]["top2_accuracy"] == pytest.approx(expected,
+                                                                                           rel=1e-5)
+
+
+def test_periodic_actions_and_the_stopwatch():
+  due = loop.Periodic(every=3, last=7)
+  assert [s for s in range(1, 8) if due(s)] == [3, 6, 7]
+  clock = loop.Stopwatch()
+  with clock.paused():
+    time.sleep(0.05)
+  assert clock.lap() < 0.04
+  assert loop.rounded(0.123456789) == 0.123457 and loop.rounded(123456789.0) == 123457000.0
+
+
+@pytest.mark.parametrize("make", ["addition", "sequences"])
+def test_streams_do_not_depend_on_the_process_count(make):
+  """The shards of two processes put together are the one-process batch (train and test)."""
+  images, labels = datasets.synthetic_digits(64)
+  if make == "addition":
+    batch = lambda shard: tasks.addition_batch(images, labels, variant="RTS", batch=8, seed=3,  # noqa: E731
+                                               step=5, shard=shard)
+  else:
+    batch = lambda shard: tasks.sequence_batch(images, labels, batch=8, max_digits=2,  # noqa: E731
+                                               canvas=32, seed=3, step=5, shard=shard)
+  whole = batch(slice(None))
+  halves = [batch(datasets.shard_of_batch(8, i, 2)) for i in range(2)]
+  joined = jax.tree.map(lambda a, b: np.concatenate([a, b]), *halves)
+  for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(joined)):  # same keys; float rounding
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_config_registry():
+  names = configs.names()
+  assert "distorted_mnist:st_cnn_affine_rts" in names and len(names) == len(set(names))
+  for name in names:
+    assert configs.get_config(name).name == name.split(":")[1]
+  old_form = configs.get_config("experiments/configs/cub.py:st4_448")
+  assert old_form.num_transformers == 4 and old_form.image_size == 448
+  with pytest.raises(ValueError, match="names no config; give '<family>:<name>', one of: cnn_224"):
+    configs.get_config("cub")
+  with pytest.raises(ValueError, match="unknown config family 'nope'"):
+    configs.get_config("nope:x")
+  # Settings are fields: no empty strings standing for None.
+  assert configs.get_config("distorted_mnist:cnn_r").transform is None
+  assert configs.get_config("sequences:cnn").st is None
 
 
 # --- Evaluation ---------------------------------------------------------------------------
@@ -182,7 +233,7 @@ def test_evaluate_equals_a_direct_computation():
   result = loop.evaluate(steps.pmap_eval_step(graphdef), steps.replicate(state),
                             images, labels, batch_size=8)
   logits = net(jnp.asarray(images))
-  loss, correct = steps.classification_terms(logits, labels)
+  loss, correct = objectives.classification_terms(logits, labels)
   assert result["count"] == 37
   assert result["loss"] == pytest.approx(float(loss.mean()), rel=1e-5)
   assert result["error"] == pytest.approx(100 * (1 - float(correct.mean())))
@@ -191,7 +242,7 @@ def test_evaluate_equals_a_direct_computation():
 def test_sequence_terms():
   length_logits = jnp.asarray([[0.0, 5.0, 0.0], [0.0, 5.0, 0.0]])
   digit_logits = jnp.zeros((2, 1, 11)).at[:, 0, 3].set(5.0)
-  loss, correct = steps.sequence_terms((length_logits, digit_logits),
+  loss, correct = objectives.sequence_terms((length_logits, digit_logits),
                                           (jnp.asarray([1, 1]), jnp.asarray([[3], [4]])))
   assert correct.tolist() == [1.0, 0.0]
   assert loss[1] > loss[0] > 0
@@ -267,7 +318,7 @@ def test_two_processes_with_jax_distributed_end_identical(tmp_path):
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
       jax.distributed.initialize("127.0.0.1:{port}", num_processes=2, process_id=pid)
       from stn_jax import loop, tasks
-      from tests.test_trainer import tiny_config
+      from tests.conftest import tiny_config
       config = tiny_config(steps=3, checkpoint_every=3, eval_every=3)
       results = loop.train_and_evaluate(config, tasks.build_task(config), {str(tmp_path / 'run')!r})
       leaves = [np.asarray(x) for x in jax.tree.leaves(results["state"].params)]
