@@ -42,9 +42,13 @@ from etils import epath
 # Directory listings of gs:// are not cached: other writers (orbax's tensorstore, the other
 # hosts of a run) change the directories behind gcsfs's back. A user's own setting wins.
 fsspec.config.conf.setdefault("gcs", {}).setdefault("use_listings_cache", False)
-# Config fields that may change when a run is resumed (they do not change the result).
+# Config fields that may change when a run is resumed: the bookkeeping ones (they do not change
+# the result), and `steps`, so that a run can be continued for longer in place (a schedule
+# defined by the run's length, cosine or a decay_fraction, then stretches over the new length
+# for the steps still to come). Every other field changes what the checkpoints mean (model,
+# task, data, seed, batch, optimiser) and is refused.
 RESUMABLE_FIELDS = ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
-                    "progress", "figure_examples", "eval_batch_size", "data_dir")
+                    "progress", "figure_examples", "eval_batch_size", "data_dir", "steps")
 LOCK_NAME = "lock.json"
 
 
@@ -166,7 +170,7 @@ def check_config_matches(workdir: str, config: dict) -> None:
     ckpt = root / "checkpoints"
     if ckpt.exists() and any(ckpt.iterdir()):
       raise ConfigMismatchError(f"{workdir} holds checkpoints but no config.json; "
-                                "use a new --workdir.")
+                                "use a new work directory.")
     return
   differ = config_differences(stored, config)
   if differ:
@@ -175,7 +179,8 @@ def check_config_matches(workdir: str, config: dict) -> None:
              f"{flat_current.get(k, '<absent>')!r} now" for k in differ]
     raise ConfigMismatchError(
         f"{workdir} holds a run of a different configuration; nothing was changed.\n"
-        + "\n".join(lines) + "\nUse a new --workdir, or the stored configuration to resume.")
+        + "\n".join(lines) + "\nUse a new work directory (--workdir, or the workdir argument in "
+        "Python), or the stored configuration to continue.")
 
 
 def write_config(workdir: str, config: dict) -> None:
