@@ -35,6 +35,8 @@ import numpy as np
 import stn_jax
 from stn_jax import coordinates
 from stn_jax import host_memory
+from stn_jax import sampler_matmul
+from stn_jax import sampling
 
 # name: (batch, channels, in_h, in_w, out_h, out_w)
 SHAPES = {
@@ -85,7 +87,7 @@ def jax_system(sample_fn):
 
 
 def stn_jax_sampler(images, grid):
-  """What users get by default: the compiled CPU kernel where it is available."""
+  """What users get by default (implementation='auto'): on CPU the compiled kernel where built."""
   return stn_jax.sample(images, grid, method="bilinear", padding_mode="zeros")
 
 
@@ -95,13 +97,12 @@ def stn_jax_matmul_sampler(images, grid):
                         implementation="matmul")
 
 
-# The matmul formulation's intermediate is [B, Ho*Wo, H, C]: skip shapes where it is huge.
-MATMUL_LIMIT_BYTES = 256 * 2**20
-
-
 def applies(system: str, shape) -> bool:
+  """The matmul path is timed only where its intermediate is within the limit 'auto' uses on TPUs."""
   b, c, h, w, ho, wo = shape
-  return system != "stn_jax_matmul" or 4 * b * ho * wo * h * max(c, w / h) <= MATMUL_LIMIT_BYTES
+  return system != "stn_jax_matmul" or (
+      sampler_matmul.intermediate_bytes((b, h, w, c), (b, ho, wo, 2))
+      <= sampling.MATMUL_MAX_INTERMEDIATE_BYTES)
 
 
 def stn_jax_xla_sampler(images, grid):
