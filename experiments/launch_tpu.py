@@ -3,8 +3,9 @@
   python -m experiments.launch_tpu --name=stn --zone=us-central2-b \\
       --accelerator_type=v4-32 --workdir=gs://my-bucket/stn/st_cnn_affine_rts \\
       --data_dir=gs://my-bucket/tfds \\
-      --config=stn_jax/configs/distorted_mnist.py:st_cnn_affine_rts \\
-      --repo=https://github.com/<you>/stn-jax.git [--steps=create,setup,train] [--spot] [--dry_run] [-- --config.steps=3000 ...]
+      --config=distorted_mnist:st_cnn_affine_rts \\
+      --repo=https://github.com/<you>/stn-jax.git [--steps=create,setup,train] [--spot] \\
+      [--dry_run] [-- --config.steps=3000 ...]
 
 Steps (``--steps``, default ``create,setup,train``):
 
@@ -51,7 +52,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   parser.add_argument("--repo", default=None,
                       help="Git URL of this project (your fork or mirror; setup clones it).")
   parser.add_argument("--ref", default="main", help="Branch, tag or commit to check out.")
-  parser.add_argument("--config", default="stn_jax/configs/distorted_mnist.py:st_cnn_affine_rts",
+  parser.add_argument("--config", default="distorted_mnist:st_cnn_affine_rts",
                       help="<file>.py:<name>, relative to the checkout.")
   parser.add_argument("--workdir", default=None, help="gs://bucket/dir of the run (train).")
   parser.add_argument("--data_dir", default=None, help="gs://bucket/tfds: TFDS_DATA_DIR (train).")

@@ -82,7 +82,7 @@ def array_digests(tree: Any) -> dict[str, str]:
 
 
 class Checkpoints:
-  """Verified orbax checkpoints of a :class:`~stn_jax.steps.TrainState` under ``<workdir>/checkpoints``.
+  """Verified orbax checkpoints of a :class:`~stn_jax.steps.TrainState` (``<workdir>/checkpoints``).
 
   ``keep``: how many of the newest steps orbax keeps. ``sampler``: the
   sampler implementation in use (:func:`stn_jax.guards.sampler_fingerprint`),

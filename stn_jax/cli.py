@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import sys
 from typing import Optional, Sequence
 
@@ -136,7 +137,7 @@ def train(argv: Sequence[str]) -> None:
   host_memory.reuse_freed_host_memory()  # before the backend starts; see its docstring
   if FLAGS.distributed or os.environ.get("STN_JAX_DISTRIBUTED") == "1":
     initialize_distributed()
-  from stn_jax import datasets, download, loop, tasks, workdir
+  from stn_jax import checkpoints, datasets, download, guards, loop, tasks, workdir
   config = FLAGS.config
   if FLAGS.data_dir:
     config.data_dir = FLAGS.data_dir
@@ -145,9 +146,13 @@ def train(argv: Sequence[str]) -> None:
   try:
     task = tasks.build_task(config)
     loop.train_and_evaluate(config, task, FLAGS.workdir)
-  except (workdir.ConfigMismatchError, loop.NonFiniteLossError, ValueError,
-          FileNotFoundError, download.DownloadError) as error:
+  except (workdir.ConfigMismatchError, workdir.WorkdirLockedError, loop.NonFiniteLossError,
+          checkpoints.CheckpointError, ValueError, FileNotFoundError,
+          download.DownloadError) as error:
     fail(str(error))
+  except guards.RunInterrupted as stopped:   # SIGINT/SIGTERM: checkpointed; exit as signalled
+    print(str(stopped), file=sys.stderr)
+    sys.exit(128 + int(getattr(signal, stopped.signal_name)))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -1,4 +1,4 @@
-"""Guards of a training run: its configuration checked up front, non-finite values caught in the step.
+"""Guards of a training run: its configuration checked first, non-finite values caught in the step.
 
 :func:`validate_config` checks every number and name the loop will use
 (steps, batch sizes against the devices, the logging/evaluation/checkpoint
@@ -9,11 +9,15 @@ command runs in the same directory.
 A localisation net whose parameters or outputs become NaN or infinite is
 invisible in the loss: the sampler reads non-finite grid points as
 "outside", so every warped image is blank, the loss stays near chance and
-the gradient stays finite. Inside the training step, :func:`parameter_flags` computes
-one flag per parameter array and :func:`transform_flags` one per
+the gradient stays finite. Inside the training step, :func:`parameter_flags`
+computes one flag per parameter array and :func:`transform_flags` one per
 localisation net output (the transform parameters, captured with
-``nnx.capture``), and :func:`check_finite` turns a false flag into a :class:`NonFiniteError`
-naming the step and the parameter or layer.
+``nnx.capture``); :func:`check_finite` turns a false flag into a
+:class:`NonFiniteError` naming the step and the parameter or layer.
+
+:class:`StopSignals` turns SIGINT/SIGTERM into a stop after the current step
+with a checkpoint (:class:`RunInterrupted`); :func:`sampler_fingerprint`
+names the sampler a run uses (recorded with each checkpoint).
 """
 
 from __future__ import annotations
