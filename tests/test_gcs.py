@@ -197,6 +197,23 @@ def test_training_in_a_gs_work_directory_stops_resumes_and_reads_back(gcs, tmp_p
   assert_same_params(jax.tree.leaves(state.params), params_of(resumed))
 
 
+def test_a_gs_work_directory_has_one_writer(gcs):
+  from stn_jax import workdir
+  run = f"gs://{BUCKET}/locked"
+  first = workdir.WorkdirLock(run)
+  first.acquire()
+  try:
+    with pytest.raises(workdir.WorkdirLockedError, match=rf"gs://{BUCKET}/locked is in use by "
+                       rf"another run \(process {os.getpid()} on host"):
+      workdir.WorkdirLock(run).acquire()
+  finally:
+    first.release()
+  assert not workdir.resolve(run).joinpath(workdir.LOCK_NAME).exists()
+  second = workdir.WorkdirLock(run)
+  second.acquire()
+  second.release()
+
+
 def test_two_processes_share_one_gs_work_directory_and_resume_exactly(gcs, tmp_path):
   """jax.distributed on loopback: checkpoints saved and restored by both processes together,
   the other files written once (process 0), a stopped and resumed run equal to an
