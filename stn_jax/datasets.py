@@ -20,9 +20,10 @@ when decoding with Pillow) are filtered out of the ``absl`` logger.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
-from typing import Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import jax
 import numpy as np
@@ -177,6 +178,20 @@ def synthetic_digits(num: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
   return (255 * image[..., None]).astype(np.uint8), labels
 
 
+def stream(batch_of_step: Callable[[int], Any], start_step: int = 0) -> Iterator[Any]:
+  """``batch_of_step(step)`` for ``step = start_step, start_step + 1, ...``: the endless form of
+  every training stream (each batch a pure function of its step)."""
+  return map(batch_of_step, itertools.count(start_step))
+
+
+def example_keys(seed: int, step: int, positions: np.ndarray) -> jax.Array:
+  """Keys ``[len(positions)]``: ``fold_in(fold_in(key(seed), step), i)`` for each position
+  ``i`` in global batch ``step`` (so an example's randomness does not depend on the process
+  count)."""
+  return jax.vmap(jax.random.fold_in, (None, 0))(jax.random.fold_in(jax.random.key(seed), step),
+                                                   np.asarray(positions))
+
+
 def distorted_batches(images: np.ndarray, labels: np.ndarray, *, variant: str,
                       global_batch: int, seed: int, start_step: int = 0,
                       process_index: Optional[int] = None,
@@ -192,14 +207,13 @@ def distorted_batches(images: np.ndarray, labels: np.ndarray, *, variant: str,
   uninterrupted one would.
   """
   shard = shard_of_batch(global_batch, process_index, process_count)
-  base = jax.random.key(seed)
-  step = start_step
-  while True:
+
+  def batch(step):
     idx = batch_indices(len(images), global_batch, seed, step, shard)
-    positions = np.arange(shard.start, shard.start + len(idx))
-    keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.fold_in(base, step), positions)
-    yield distortions.distort_each(keys, images[idx], variant), labels[idx]
-    step += 1
+    keys = example_keys(seed, step, np.arange(shard.start, shard.start + len(idx)))
+    return distortions.distort_each(keys, images[idx], variant), labels[idx]
+
+  return stream(batch, start_step)
 
 
 def distorted_test_set(images: np.ndarray, *, variant: str, seed: int = 0,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Callable, Iterator, Optional
+from typing import Optional
 
 import jax
 import numpy as np
@@ -43,19 +43,9 @@ def mnist_arrays(config, split: str) -> tuple[np.ndarray, np.ndarray]:
   return datasets.load_mnist(split, data_dir=default_data_dir(config.data_dir))
 
 
-def _stream(batch_of_step: Callable[[int], tuple], start_step: int) -> Iterator[tuple]:
-  """``batch_of_step(step)`` for ``step = start_step, start_step + 1, ...`` (endless)."""
-  step = start_step
-  while True:
-    yield batch_of_step(step)
-    step += 1
-
-
-def _example_keys(seed: int, step: int, shard: slice, count: int) -> jax.Array:
-  """Keys ``[count]`` of the examples at positions ``shard.start, ...`` of global batch ``step``."""
-  positions = np.arange(shard.start or 0, (shard.start or 0) + count)
-  return jax.vmap(jax.random.fold_in, (None, 0))(
-      jax.random.fold_in(jax.random.key(seed), step), positions)
+def _positions(shard: slice, count: int) -> np.ndarray:
+  """Positions in the global batch of the ``count`` examples of ``shard``."""
+  return np.arange(shard.start or 0, (shard.start or 0) + count)
 
 
 def _transformer_views(transformers, x_for_each):
@@ -115,7 +105,7 @@ def addition_batch(images, labels, *, variant, batch, seed, step, shard):
   """``shard`` of global batch ``step`` of MNIST addition: ``(images [b, H, W, 2], sums [b])``."""
   first = datasets.batch_indices(len(images), batch, seed, step, shard)
   second = datasets.batch_indices(len(images), batch, seed + 7919, step, shard)
-  keys = _example_keys(seed, step, shard, len(first))
+  keys = datasets.example_keys(seed, step, _positions(shard, len(first)))
   x, y = _addition_each(keys, images[first], images[second], labels[first], labels[second],
                         variant)
   return np.asarray(x), np.asarray(y)
@@ -133,7 +123,7 @@ def mnist_addition(config) -> Task:
     return models.AdditionModel(in_hw, transform=config.transform, rngs=rngs)
 
   def train_batches(start_step):
-    return _stream(lambda step: addition_batch(
+    return datasets.stream(lambda step: addition_batch(
         train_images, train_labels, variant=config.variant, batch=config.batch_size,
         seed=config.seed, step=step, shard=shard), start_step)
 
@@ -167,7 +157,7 @@ def sequence_batch(images, labels, *, batch, max_digits, canvas, seed, step, sha
   """``shard`` of global batch ``step`` of digit sequences: ``(images, (lengths, digits))``."""
   idx = np.stack([datasets.batch_indices(len(images), batch, seed + 104729 * k, step, shard)
                   for k in range(max_digits)], 1)
-  keys = _example_keys(seed, step, shard, len(idx))
+  keys = datasets.example_keys(seed, step, _positions(shard, len(idx)))
   x, lengths, digits = _sequences_each(keys, images[idx], labels[idx], (canvas, canvas),
                                        max_digits)
   return np.asarray(x), (np.asarray(lengths), np.asarray(digits))
@@ -191,7 +181,7 @@ def sequences(config) -> Task:
                                 max_digits=config.max_digits, rngs=rngs)
 
   def train_batches(start_step):
-    return _stream(lambda step: sequence_batch(
+    return datasets.stream(lambda step: sequence_batch(
         train_images, train_labels, batch=config.batch_size, max_digits=config.max_digits,
         canvas=config.canvas, seed=config.seed, step=step, shard=shard), start_step)
 
@@ -228,7 +218,7 @@ def svhn(config) -> Task:
     return test_images.astype(np.float32) / 255.0, _as_sequences(test_labels)
 
   views = _multi_digit_views if config.st else None
-  return Task(make_model, functools.partial(_stream, batch), test_set,
+  return Task(make_model, functools.partial(datasets.stream, batch), test_set,
               objectives.sequence_terms, views, objectives.SEQUENCES)
 
 
@@ -266,7 +256,7 @@ def cub(config) -> Task:
   if config.num_transformers:
     views = lambda model, x: _transformer_views(  # noqa: E731
         model.parallel.transformers, [x] * config.num_transformers)
-  return Task(make_model, functools.partial(_stream, batch), test_set,
+  return Task(make_model, functools.partial(datasets.stream, batch), test_set,
               objectives.classification_terms, views, objectives.CLASSIFICATION)
 
 
