@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from stn_jax import _native, sampling
+from stn_jax import _native, coordinates, sampling
+from stn_jax.sampling import PIXEL_CENTRE_TOLERANCE
 
 pytestmark = pytest.mark.skipif(not _native.available(),
                                 reason="no C++ compiler: the compiled sampler is not built")
@@ -103,3 +104,150 @@ def test_everything_works_without_the_kernel():
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env=dict(os.environ, STN_JAX_NATIVE="0", JAX_PLATFORMS="cpu"))
   assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+# --- The pixel-centre rule (issue 13): the kernel against the pure-JAX sampler ------------
+
+
+def nudged_identity_grid(b, hw, nudge_px, align_corners):
+  """The identity grid of an ``hw`` image, every point moved by ``nudge_px`` pixels in x and y."""
+  h, w = hw
+  ys, xs = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64),
+                       indexing="ij")
+  x = coordinates.from_pixel(xs + nudge_px, w, align_corners)
+  y = coordinates.from_pixel(ys + nudge_px, h, align_corners)
+  return jnp.asarray(np.broadcast_to(np.stack([x, y], -1), (b, h, w, 2)), jnp.float32)
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize("nudge_px", [0.0, 1e-9, -1e-9, 0.5 * PIXEL_CENTRE_TOLERANCE,
+                                      2 * PIXEL_CENTRE_TOLERANCE, -2e-4])
+def test_kernel_follows_the_pixel_centre_rule(nudge_px, align_corners):
+  # At and within PIXEL_CENTRE_TOLERANCE of pixel centres the grid gradient is the
+  # central difference, beyond it the one-sided slope: the kernel (which gets the
+  # tolerance from stn_jax.sampling) and the pure-JAX sampler agree on both sides of it.
+  rng = np.random.default_rng(3)
+  images = jnp.asarray(rng.standard_normal((2, 6, 7, 3)), jnp.float32)
+  cotangent = jnp.asarray(rng.standard_normal((2, 6, 7, 3)), jnp.float32)
+  grid = nudged_identity_grid(2, (6, 7), nudge_px, align_corners)
+  native = value_and_grads("native", images, grid, cotangent, align_corners)
+  xla = value_and_grads("xla", images, grid, cotangent, align_corners)
+  jitted = jax.jit(lambda i, g: value_and_grads("native", i, g, cotangent, align_corners))(
+      images, grid)
+  for name, a, b, c in zip(("values", "image gradient", "grid gradient"), native, xla, jitted):
+    scale = float(jnp.abs(b).max())
+    np.testing.assert_allclose(a, b, atol=1e-5 * scale, err_msg=name)
+    np.testing.assert_allclose(a, c, atol=1e-6 * scale, err_msg=f"{name}: eager != jit")
+
+
+def test_grid_gradient_at_a_centre_is_the_central_difference():
+  # An independent oracle: along x at pixel centre n, (v[n + 1] - v[n - 1]) / 2 per pixel,
+  # times d(pixel)/d(normalised) = W / 2 (align_corners=False); 0 outside the image.
+  rng = np.random.default_rng(4)
+  images = rng.standard_normal((1, 4, 5, 1)).astype(np.float32)
+  grid = nudged_identity_grid(1, (4, 5), 0.0, False)
+  grad_grid = jax.grad(lambda g: _native.bilinear_zeros(jnp.asarray(images), g, False).sum())(grid)
+  padded = np.pad(images[0, ..., 0], 1)
+  expected_x = 0.5 * (padded[1:-1, 2:] - padded[1:-1, :-2]) * 5 / 2
+  expected_y = 0.5 * (padded[2:, 1:-1] - padded[:-2, 1:-1]) * 4 / 2
+  np.testing.assert_allclose(grad_grid[0, ..., 0], expected_x, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(grad_grid[0, ..., 1], expected_y, rtol=1e-5, atol=1e-6)
+
+
+# --- Every transformation (issue 18 item 1): the kernel against the pure-JAX sampler -------
+
+
+def small_inputs(seed=5):
+  rng = np.random.default_rng(seed)
+  images = jnp.asarray(rng.standard_normal((2, 5, 6, 3)), jnp.float32)
+  # Away from pixel centres and edges, where second derivatives are defined.
+  grid = jnp.asarray(rng.uniform(-1.2, 1.2, (2, 4, 3, 2)), jnp.float32)
+  return images, grid
+
+
+def assert_trees_close(a, b, rtol=2e-5):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    assert x.shape == y.shape
+    np.testing.assert_allclose(x, y, atol=rtol * (float(jnp.abs(y).max()) + 1e-6))
+
+
+def sampler(impl):
+  return lambda i, g: sampling.sample(i, g, implementation=impl)
+
+
+def loss(impl):
+  return lambda i, g: (sampler(impl)(i, g) ** 2 * jnp.cos(g[..., :1])).sum()
+
+
+TRANSFORMATIONS = {
+    "jvp": lambda f, i, g: jax.jvp(f, (i, g), (jnp.cos(i), jnp.sin(g))),
+    "jacfwd": lambda f, i, g: jax.jacfwd(f, (0, 1))(i, g),
+    "jacrev": lambda f, i, g: jax.jacrev(f, (0, 1))(i, g),
+    "linear_transpose": lambda f, i, g: jax.linear_transpose(lambda x: f(x, g), i)(f(i, g)),
+}
+LOSS_TRANSFORMATIONS = {
+    "grad": lambda l, i, g: jax.grad(l, (0, 1))(i, g),
+    "hessian": lambda l, i, g: jax.hessian(l, (0, 1))(i, g),
+    "grad of grad": lambda l, i, g: jax.grad(
+        lambda i, g: (jax.grad(l, (0, 1))(i, g)[1] ** 2).sum() + jax.grad(l)(i, g).sum(),
+        (0, 1))(i, g),
+    "jvp of grad": lambda l, i, g: jax.jvp(jax.grad(l, (0, 1)), (i, g), (i, g)),
+    "vmap of grad": lambda l, i, g: jax.vmap(jax.grad(l, (0, 1)))(i[:, None], g[:, None]),
+    "vmap of hessian": lambda l, i, g: jax.vmap(jax.hessian(l, 1))(i[:, None], g[:, None]),
+    "jit of hessian": lambda l, i, g: jax.jit(jax.hessian(l, 1))(i, g),
+}
+
+
+@pytest.mark.parametrize("name", TRANSFORMATIONS)
+def test_every_transformation_of_the_sampler_matches_pure_jax(name):
+  images, grid = small_inputs()
+  assert_trees_close(TRANSFORMATIONS[name](sampler("native"), images, grid),
+                     TRANSFORMATIONS[name](sampler("xla"), images, grid))
+
+
+@pytest.mark.parametrize("name", LOSS_TRANSFORMATIONS)
+def test_every_transformation_of_a_loss_matches_pure_jax(name):
+  images, grid = small_inputs()
+  assert_trees_close(LOSS_TRANSFORMATIONS[name](loss("native"), images, grid),
+                     LOSS_TRANSFORMATIONS[name](loss("xla"), images, grid))
+
+
+def test_first_order_reverse_mode_runs_only_the_kernels():
+  # The speed of training: grad compiles to the forward and backward kernels, not to gathers.
+  images, grid = small_inputs()
+  hlo = jax.jit(jax.grad(loss("native"), (0, 1))).lower(images, grid).as_text()
+  assert "stn_jax_bilinear_zeros_forward" in hlo and "stn_jax_bilinear_zeros_backward" in hlo
+  assert "gather" not in hlo and "scatter" not in hlo
+
+
+# --- Edge shapes (issue 18 item 6) and the missing-compiler warning (issue 15) -------------
+
+
+@pytest.mark.parametrize("images_shape, grid_shape", [((0, 5, 6, 2), (0, 3, 4, 2)),
+                                                      ((2, 5, 6, 2), (2, 0, 4, 2)),
+                                                      ((2, 5, 6, 2), (2, 3, 0, 2))])
+def test_empty_batches_and_grids_give_empty_results(images_shape, grid_shape):
+  images, grid = jnp.ones(images_shape, jnp.float32), jnp.zeros(grid_shape, jnp.float32)
+  out_shape = grid_shape[:3] + images_shape[-1:]
+  assert _native.bilinear_zeros(images, grid, False).shape == out_shape
+  assert jax.jit(sampler("native"))(images, grid).shape == out_shape
+  grad_images, grad_grid = jax.grad(lambda i, g: sampler("native")(i, g).sum(), (0, 1))(images,
+                                                                                          grid)
+  assert grad_images.shape == images_shape and grad_grid.shape == grid_shape
+  assert not np.asarray(grad_images).any()
+
+
+def test_missing_compiler_warning_says_what_it_costs_and_how_to_fix_it(tmp_path):
+  code = ("import warnings\n"
+          "from stn_jax import _native\n"
+          "with warnings.catch_warnings(record=True) as caught:\n"
+          "  warnings.simplefilter('always')\n"
+          "  assert not _native.available()\n"
+          "print(caught[0].message)\n")
+  env = {k: v for k, v in os.environ.items() if k != "CXX"}
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=dict(env, PATH=str(tmp_path), JAX_PLATFORMS="cpu"), timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  message = result.stdout
+  for part in ("no C++ compiler", "3.5-5x slower", "apt-get install g++", "STN_JAX_NATIVE=0"):
+    assert part in message, message

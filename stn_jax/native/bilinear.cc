@@ -1,18 +1,40 @@
-// Bilinear sampling with zero padding, forward and backward, as XLA FFI
-// handlers for the CPU backend (used by stn_jax.sampling when available).
+// Bilinear sampling with zero padding as XLA FFI handlers for the CPU backend
+// (used by stn_jax._native, which defines their JAX differentiation rules).
 //
 // Semantics are those of stn_jax.sampling.sample(method='bilinear',
-// padding_mode='zeros') and PyTorch's grid_sample: images [N, H, W, C] and
-// grid [N, Ho, Wo, 2] of normalised (x, y), channels last, float32. Every
-// leading axis before the last three is a batch axis (N is their product), so
-// the handlers also serve vmap with broadcast dimensions. Points whose pixel
-// coordinates are not finite or lie beyond two pixels outside the image read
-// 0 and receive no gradient.
+// padding_mode='zeros'): images [N, H, W, C] and grid [N, Ho, Wo, 2] of
+// normalised (x, y), channels last, float32. Every leading axis before the
+// last three is a batch axis (N is their product). Points whose pixel
+// coordinates are not finite or lie two pixels or more outside the image
+// read 0 and have derivative 0.
+//
+// Three handlers (pixel-centre rule: within `centre_tolerance` pixels of an
+// integer n along an axis, the derivative along it is the mean of the two
+// one-sided ones, (v[n + 1] - v[n - 1]) / 2, taps outside reading 0; the
+// tolerance is stn_jax.sampling.PIXEL_CENTRE_TOLERANCE, passed in by
+// stn_jax._native as that attribute):
+// * StnBilinearForward: the sampled values [N, Ho, Wo, C].
+// * StnBilinearValueAndJacobian: the values and their derivative with respect
+//   to the point's normalised (x, y), [N, Ho, Wo, C, 2] (forward-mode AD).
+// * StnBilinearBackward: for a cotangent [N, Ho, Wo, C], the image gradient
+//   [N, H, W, C] (the scatter of the weighted cotangent) and the grid gradient
+//   [N, Ho, Wo, 2], in one pass (reverse-mode AD).
+//
+// Parallelism: the batch is split into chunks run on XLA's intra-op thread
+// pool *and* the calling thread, which claim chunks from a shared counter. The
+// caller never waits for work that has not started: it runs every unclaimed
+// chunk itself and then waits only for chunks that other threads are running.
+// This matters because XLA runs the programs of several CPU devices (pmap,
+// forced host devices) on that same pool: a kernel that blocked until its
+// scheduled tasks ran would deadlock once every pool thread is such a kernel.
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
-#include <cstdint>
 #include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <memory>
 #include <mutex>
 
 #include "xla/ffi/api/ffi.h"
@@ -25,33 +47,54 @@ struct Dims {
   int64_t n, h, w, c, ho, wo;
 };
 
-// Runs body(i) for i in [0, count) on XLA's intra-op thread pool (and the
-// calling thread), in contiguous chunks; small jobs run inline.
+// Shared by the calling thread and the pool tasks of one ParallelFor; owned
+// jointly, so that a task the pool starts after the caller returned finds
+// nothing left to claim and exits without touching the caller's frame.
+struct ParallelState {
+  std::atomic<int64_t> next{0};      // the next unclaimed chunk
+  std::atomic<int64_t> finished{0};  // chunks completed
+  int64_t chunks = 0;
+  const std::function<void(int64_t)>* run_chunk = nullptr;  // valid while chunks remain
+  std::mutex mutex;
+  std::condition_variable done;
+};
+
+void RunChunks(ParallelState& s) {
+  for (int64_t k = s.next.fetch_add(1); k < s.chunks; k = s.next.fetch_add(1)) {
+    (*s.run_chunk)(k);
+    if (s.finished.fetch_add(1) + 1 == s.chunks) {
+      std::lock_guard<std::mutex> lock(s.mutex);
+      s.done.notify_all();
+    }
+  }
+}
+
+// Runs body(i) for i in [0, count) in contiguous chunks, on the calling thread
+// and on idle threads of XLA's intra-op pool; small jobs run inline. Safe when
+// every pool thread is busy (or is itself inside a ParallelFor): see the top.
 template <typename F>
 void ParallelFor(ffi::ThreadPool& pool, int64_t count, int64_t work_per_item, F&& body) {
-  const int64_t max_chunks = std::max<int64_t>(1, pool.num_threads() + 1);
+  const int64_t threads = std::max<int64_t>(0, pool.num_threads());
   const int64_t by_work = std::max<int64_t>(1, count * work_per_item / (1 << 15));
-  const int64_t chunks = std::min({count, max_chunks, by_work});
-  if (chunks <= 1) {
+  // A few chunks per thread, so that the threads that are free take over the
+  // share of those that are busy with other work.
+  const int64_t chunks = std::min({count, threads + 1, by_work});
+  if (chunks <= 1 || threads == 0) {
     for (int64_t i = 0; i < count; ++i) body(i);
     return;
   }
-  std::mutex mutex;
-  std::condition_variable done;
-  int64_t remaining = chunks - 1;
-  auto run_chunk = [&](int64_t k) {
+  const std::function<void(int64_t)> run_chunk = [&](int64_t k) {
     for (int64_t i = k * count / chunks; i < (k + 1) * count / chunks; ++i) body(i);
   };
-  for (int64_t k = 1; k < chunks; ++k) {
-    pool.Schedule([&, k] {
-      run_chunk(k);
-      std::lock_guard<std::mutex> lock(mutex);
-      if (--remaining == 0) done.notify_one();
-    });
+  auto state = std::make_shared<ParallelState>();
+  state->chunks = chunks;
+  state->run_chunk = &run_chunk;
+  for (int64_t t = 0; t < std::min(threads, chunks - 1); ++t) {
+    pool.Schedule([state] { RunChunks(*state); });
   }
-  run_chunk(0);
-  std::unique_lock<std::mutex> lock(mutex);
-  done.wait(lock, [&] { return remaining == 0; });
+  RunChunks(*state);
+  std::unique_lock<std::mutex> lock(state->mutex);
+  state->done.wait(lock, [&] { return state->finished.load() == chunks; });
 }
 
 // Pixel coordinate of a normalised one, and its derivative.
@@ -63,147 +106,249 @@ inline float PixelScale(int64_t size, bool align_corners) {
   return align_corners ? 0.5f * static_cast<float>(size - 1) : 0.5f * static_cast<float>(size);
 }
 
-// The four taps of a point: whether it reads anything, corner indices, weights.
-struct Taps {
-  bool any;
+inline bool Inside(int64_t i, int64_t size) { return i >= 0 && i < size; }
+
+// Whether a point at pixel coordinates (ux, uy) can read the image. NaN fails
+// every comparison, so it lands outside too.
+inline bool Reads(float ux, float uy, int64_t h, int64_t w) {
+  return ux > -2.f && ux < static_cast<float>(w) + 1.f && uy > -2.f &&
+         uy < static_cast<float>(h) + 1.f;
+}
+
+// floor(u) and the fraction, without a libm call (u is bounded where this runs).
+inline int64_t Floor(float u, float* t) {
+  int64_t i = static_cast<int64_t>(u);
+  i -= static_cast<float>(i) > u;
+  *t = u - static_cast<float>(i);
+  return i;
+}
+
+// Whether a coordinate with fraction t (0 <= t < 1) is within tol of an
+// integer. Branch-free: |u - round(u)| in floats, or a branch on t > 0.5
+// (taken at random), makes the loops markedly slower. 1 - t is exact where
+// it matters (t > 0.5).
+inline bool AtCentre(float t, float tol) { return std::min(t, 1.f - t) <= tol; }
+
+// The integer nearest to i + t.
+inline int64_t Nearest(int64_t i, float t) { return i + static_cast<int64_t>(t > 0.5f); }
+
+// One point that reads the image: its taps (x0, y0) .. (x0 + 1, y0 + 1) as
+// element offsets (pixel (y, x) at (y * w + x) * c; -1 outside the image,
+// which reads 0) and their weights; with kDerivative also, per axis, whether
+// the coordinate is within centre_tolerance of an integer.
+struct Point {
   int64_t x0, y0;
-  float fx, fy;  // fractional parts: weight of the right / lower taps.
-  bool in_x0, in_x1, in_y0, in_y1;
+  int64_t q00, q01, q10, q11;  // (y0, x0), (y0, x0 + 1), (y0 + 1, x0), (y0 + 1, x0 + 1)
+  float wx0, wx1, wy0, wy1;
+  bool centre_x, centre_y;
 };
 
-inline Taps MakeTaps(float ix, float iy, int64_t h, int64_t w) {
-  Taps t{};
-  // NaN fails every comparison, so it lands here too.
-  if (!(ix > -2.f && ix < static_cast<float>(w) + 1.f && iy > -2.f &&
-        iy < static_cast<float>(h) + 1.f)) {
-    t.any = false;
-    return t;
+struct Image {
+  const float* data;
+  int64_t h, w, c;
+  int64_t Offset(int64_t y, int64_t x) const {
+    return Inside(y, h) && Inside(x, w) ? (y * w + x) * c : -1;
   }
-  // floor() without a libm call: the coordinates are bounded here.
-  int64_t x0 = static_cast<int64_t>(ix), y0 = static_cast<int64_t>(iy);
-  x0 -= static_cast<float>(x0) > ix;
-  y0 -= static_cast<float>(y0) > iy;
-  t.any = true;
-  t.x0 = x0;
-  t.y0 = y0;
-  t.fx = ix - static_cast<float>(x0);
-  t.fy = iy - static_cast<float>(y0);
-  t.in_x0 = t.x0 >= 0 && t.x0 < w;
-  t.in_x1 = t.x0 + 1 >= 0 && t.x0 + 1 < w;
-  t.in_y0 = t.y0 >= 0 && t.y0 < h;
-  t.in_y1 = t.y0 + 1 >= 0 && t.y0 + 1 < h;
-  return t;
+  float Read(int64_t offset, int64_t ch) const { return offset >= 0 ? data[offset + ch] : 0.f; }
+  float At(int64_t y, int64_t x, int64_t ch) const { return Read(Offset(y, x), ch); }
+};
+
+template <bool kDerivative>
+inline Point MakePoint(const Image& im, float ux, float uy, float centre_tolerance) {
+  Point p;
+  float tx, ty;
+  p.x0 = Floor(ux, &tx);
+  p.y0 = Floor(uy, &ty);
+  p.q00 = im.Offset(p.y0, p.x0);
+  p.q01 = im.Offset(p.y0, p.x0 + 1);
+  p.q10 = im.Offset(p.y0 + 1, p.x0);
+  p.q11 = im.Offset(p.y0 + 1, p.x0 + 1);
+  p.wx0 = 1.f - tx;
+  p.wx1 = tx;
+  p.wy0 = 1.f - ty;
+  p.wy1 = ty;
+  if (kDerivative) {
+    p.centre_x = AtCentre(tx, centre_tolerance);
+    p.centre_y = AtCentre(ty, centre_tolerance);
+  }
+  return p;
 }
 
-Dims GetDims(ffi::AnyBuffer::Dimensions image_dims, ffi::AnyBuffer::Dimensions grid_dims) {
-  Dims d{};
-  size_t r = image_dims.size();
-  d.n = 1;
-  for (size_t i = 0; i + 3 < r; ++i) d.n *= image_dims[i];
-  d.h = image_dims[r - 3];
-  d.w = image_dims[r - 2];
-  d.c = image_dims[r - 1];
-  size_t g = grid_dims.size();
-  d.ho = grid_dims[g - 3];
-  d.wo = grid_dims[g - 2];
-  return d;
+// The derivatives (per pixel) of channel ch at p along x and y, given the
+// values v00 .. v11 of its taps: the slope between the taps, or, at a pixel
+// centre n, the mean of the two one-sided slopes, (v[n + 1] - v[n - 1]) / 2.
+inline void Derivative(const Image& im, const Point& p, int64_t ch, float v00, float v01,
+                       float v10, float v11, float* gx, float* gy) {
+  if (__builtin_expect(p.centre_x, 0)) {
+    const int64_t n = Nearest(p.x0, p.wx1);
+    *gx = 0.5f * (p.wy0 * (im.At(p.y0, n + 1, ch) - im.At(p.y0, n - 1, ch)) +
+                  p.wy1 * (im.At(p.y0 + 1, n + 1, ch) - im.At(p.y0 + 1, n - 1, ch)));
+  } else {
+    *gx = p.wy0 * (v01 - v00) + p.wy1 * (v11 - v10);
+  }
+  if (__builtin_expect(p.centre_y, 0)) {
+    const int64_t n = Nearest(p.y0, p.wy1);
+    *gy = 0.5f * (p.wx0 * (im.At(n + 1, p.x0, ch) - im.At(n - 1, p.x0, ch)) +
+                  p.wx1 * (im.At(n + 1, p.x0 + 1, ch) - im.At(n - 1, p.x0 + 1, ch)));
+  } else {
+    *gy = p.wx0 * (v10 - v00) + p.wx1 * (v11 - v01);
+  }
 }
 
-ffi::Error CheckShapes(ffi::AnyBuffer::Dimensions image_dims,
-                       ffi::AnyBuffer::Dimensions grid_dims) {
+int64_t BatchSize(ffi::AnyBuffer::Dimensions dims) {
+  int64_t n = 1;
+  for (size_t i = 0; i + 3 < dims.size(); ++i) n *= dims[i];
+  return n;
+}
+
+// images_or_grads: [..., H, W, C]; grid: [..., Ho, Wo, 2].
+ffi::Error GetDims(ffi::AnyBuffer::Dimensions image_dims, ffi::AnyBuffer::Dimensions grid_dims,
+                   Dims* d) {
   if (image_dims.size() < 4 || grid_dims.size() != image_dims.size() ||
       grid_dims[grid_dims.size() - 1] != 2) {
-    return ffi::Error::InvalidArgument("stn_bilinear: images [..., H, W, C] and grid [..., Ho, Wo, 2]");
+    return ffi::Error::InvalidArgument(
+        "stn_bilinear: images [..., H, W, C] and grid [..., Ho, Wo, 2]");
   }
   for (size_t i = 0; i + 3 < image_dims.size(); ++i) {
     if (image_dims[i] != grid_dims[i])
       return ffi::Error::InvalidArgument("stn_bilinear: batch axes of images and grid differ");
   }
+  const size_t r = image_dims.size(), g = grid_dims.size();
+  *d = Dims{BatchSize(image_dims), image_dims[r - 3], image_dims[r - 2], image_dims[r - 1],
+            grid_dims[g - 3], grid_dims[g - 2]};
   return ffi::Error::Success();
 }
 
 // One image of the forward pass. kC > 0 fixes the channel count at compile
-// time (the common 1 and 3), 0 reads it from d.
-template <int kC>
-void ForwardImage(const float* img, const float* pts, float* out, const Dims d,
-                  const bool align_corners) {
+// time (the common 1 and 3), 0 reads it from d. With kJacobian it also writes
+// the derivative with respect to the normalised point (x, y) to jac.
+template <int kC, bool kJacobian>
+void ForwardImage(const float* img, const float* pts, float* out, float* jac, const Dims d,
+                  const bool align_corners, const float centre_tolerance) {
   const int64_t c = kC > 0 ? kC : d.c, h = d.h, w = d.w, points = d.ho * d.wo;
-  for (int64_t p = 0; p < points; ++p) {
-    const float* pt = pts + 2 * p;
-    float* dst = out + c * p;
-    const Taps t = MakeTaps(ToPixel(pt[0], w, align_corners), ToPixel(pt[1], h, align_corners),
-                            h, w);
-    for (int64_t ch = 0; ch < c; ++ch) dst[ch] = 0.f;
-    if (!t.any) continue;
-    const float wx[2] = {1.f - t.fx, t.fx}, wy[2] = {1.f - t.fy, t.fy};
-    const bool inx[2] = {t.in_x0, t.in_x1}, iny[2] = {t.in_y0, t.in_y1};
-    for (int dy = 0; dy < 2; ++dy) {
-      if (!iny[dy]) continue;
-      for (int dx = 0; dx < 2; ++dx) {
-        if (!inx[dx]) continue;
-        const float weight = wy[dy] * wx[dx];
-        const float* src = img + ((t.y0 + dy) * w + (t.x0 + dx)) * c;
-        for (int64_t ch = 0; ch < c; ++ch) dst[ch] += weight * src[ch];
-      }
+  const float sx = PixelScale(w, align_corners), sy = PixelScale(h, align_corners);
+  const Image im{img, h, w, c};
+  for (int64_t i = 0; i < points; ++i) {
+    float* dst = out + c * i;
+    float* dj = jac + 2 * c * i;
+    const float ux = ToPixel(pts[2 * i], w, align_corners);
+    const float uy = ToPixel(pts[2 * i + 1], h, align_corners);
+    if (!Reads(ux, uy, h, w)) {
+      std::fill(dst, dst + c, 0.f);
+      if (kJacobian) std::fill(dj, dj + 2 * c, 0.f);
+      continue;
+    }
+    const Point p = MakePoint<kJacobian>(im, ux, uy, centre_tolerance);
+    for (int64_t ch = 0; ch < c; ++ch) {
+      const float v00 = im.Read(p.q00, ch), v01 = im.Read(p.q01, ch),
+                  v10 = im.Read(p.q10, ch), v11 = im.Read(p.q11, ch);
+      dst[ch] = p.wy0 * (p.wx0 * v00 + p.wx1 * v01) + p.wy1 * (p.wx0 * v10 + p.wx1 * v11);
+      if (!kJacobian) continue;
+      float gx, gy;
+      Derivative(im, p, ch, v00, v01, v10, v11, &gx, &gy);
+      dj[2 * ch] = gx * sx;
+      dj[2 * ch + 1] = gy * sy;
     }
   }
 }
 
-// One image of the backward pass: accumulates the image gradient (zeroed
-// here) and writes the grid gradient.
+// The grid gradient (per pixel) of a point at a pixel centre along x and/or y:
+// sum over channels of up[ch] times the derivative. Rare, so out of line.
+__attribute__((noinline, cold)) void CentreGradient(const Image& im, const Point& p,
+                                                    const float* up, float* gx, float* gy) {
+  float sx = 0.f, sy = 0.f;
+  for (int64_t ch = 0; ch < im.c; ++ch) {
+    float dx, dy;
+    Derivative(im, p, ch, im.Read(p.q00, ch), im.Read(p.q01, ch), im.Read(p.q10, ch),
+               im.Read(p.q11, ch), &dx, &dy);
+    sx += dx * up[ch];
+    sy += dy * up[ch];
+  }
+  *gx = sx;
+  *gy = sy;
+}
+
+// One image of the backward pass: scatters the weighted cotangent of every
+// point onto its four taps (grad_img, zeroed here) and writes the grid
+// gradient, the cotangent times the derivative.
 template <int kC>
 void BackwardImage(const float* img, const float* pts, const float* cot, float* grad_img,
-                   float* grad_pts, const Dims d, const bool align_corners) {
+                   float* grad_pts, const Dims d, const bool align_corners,
+                   const float centre_tolerance) {
   const int64_t c = kC > 0 ? kC : d.c, h = d.h, w = d.w, points = d.ho * d.wo;
   const float sx = PixelScale(w, align_corners), sy = PixelScale(h, align_corners);
+  const Image im{img, h, w, c};
   std::fill(grad_img, grad_img + h * w * c, 0.f);
-  for (int64_t p = 0; p < points; ++p) {
-    const float* pt = pts + 2 * p;
-    const float* up = cot + c * p;
-    float* gpt = grad_pts + 2 * p;
-    const Taps t = MakeTaps(ToPixel(pt[0], w, align_corners), ToPixel(pt[1], h, align_corners),
-                            h, w);
-    gpt[0] = 0.f;
-    gpt[1] = 0.f;
-    if (!t.any) continue;
-    const float wx[2] = {1.f - t.fx, t.fx}, wy[2] = {1.f - t.fy, t.fy};
-    const bool inx[2] = {t.in_x0, t.in_x1}, iny[2] = {t.in_y0, t.in_y1};
-    float dix = 0.f, diy = 0.f;
-    for (int dy = 0; dy < 2; ++dy) {
-      if (!iny[dy]) continue;
-      for (int dx = 0; dx < 2; ++dx) {
-        if (!inx[dx]) continue;
-        const int64_t offset = ((t.y0 + dy) * w + (t.x0 + dx)) * c;
-        const float* src = img + offset;
-        float* gsrc = grad_img + offset;
-        const float weight = wy[dy] * wx[dx];
-        float dot = 0.f;
-        for (int64_t ch = 0; ch < c; ++ch) {
-          gsrc[ch] += weight * up[ch];
-          dot += src[ch] * up[ch];
-        }
-        // d(weight)/d(ix) = wy * (dx ? 1 : -1); d(weight)/d(iy) = wx * (dy ? 1 : -1).
-        dix += (dx ? 1.f : -1.f) * wy[dy] * dot;
-        diy += (dy ? 1.f : -1.f) * wx[dx] * dot;
+  for (int64_t i = 0; i < points; ++i) {
+    const float* up = cot + c * i;
+    float* gpt = grad_pts + 2 * i;
+    const float ux = ToPixel(pts[2 * i], w, align_corners);
+    const float uy = ToPixel(pts[2 * i + 1], h, align_corners);
+    if (!Reads(ux, uy, h, w)) {
+      gpt[0] = gpt[1] = 0.f;
+      continue;
+    }
+    const Point p = MakePoint<true>(im, ux, uy, centre_tolerance);
+    // Per tap: scatter weight * up, and dot[k] = sum over channels of value * up.
+    const int64_t taps[4] = {p.q00, p.q01, p.q10, p.q11};
+    const float weights[4] = {p.wy0 * p.wx0, p.wy0 * p.wx1, p.wy1 * p.wx0, p.wy1 * p.wx1};
+    float dot[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int k = 0; k < 4; ++k) {
+      if (taps[k] < 0) continue;
+      const float* src = img + taps[k];
+      float* g = grad_img + taps[k];
+      for (int64_t ch = 0; ch < c; ++ch) {
+        g[ch] += weights[k] * up[ch];
+        dot[k] += src[ch] * up[ch];
       }
     }
-    gpt[0] = dix * sx;
-    gpt[1] = diy * sy;
+    float gx, gy;
+    if (__builtin_expect(p.centre_x || p.centre_y, 0)) {
+      CentreGradient(im, p, up, &gx, &gy);
+    } else {
+      gx = p.wy0 * (dot[1] - dot[0]) + p.wy1 * (dot[3] - dot[2]);
+      gy = p.wx0 * (dot[2] - dot[0]) + p.wx1 * (dot[3] - dot[1]);
+    }
+    gpt[0] = gx * sx;
+    gpt[1] = gy * sy;
   }
 }
 
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> images,
                    ffi::Buffer<ffi::F32> grid, ffi::ResultBuffer<ffi::F32> out,
                    bool align_corners) {
-  if (auto e = CheckShapes(images.dimensions(), grid.dimensions()); e.failure()) return e;
-  const Dims d = GetDims(images.dimensions(), grid.dimensions());
+  Dims d;
+  if (auto e = GetDims(images.dimensions(), grid.dimensions(), &d); e.failure()) return e;
   const float* im = images.typed_data();
   const float* g = grid.typed_data();
   float* o = out->typed_data();
-  auto run = d.c == 1 ? ForwardImage<1> : d.c == 3 ? ForwardImage<3> : ForwardImage<0>;
-  ParallelFor(pool, d.n, d.ho * d.wo * d.c, [&](int64_t b) {
-    run(im + b * d.h * d.w * d.c, g + b * d.ho * d.wo * 2, o + b * d.ho * d.wo * d.c, d,
-        align_corners);
+  auto run = d.c == 1   ? ForwardImage<1, false>
+             : d.c == 3 ? ForwardImage<3, false>
+                        : ForwardImage<0, false>;
+  ParallelFor(pool, d.n, d.ho * d.wo * d.c + 1, [&](int64_t b) {
+    run(im + b * d.h * d.w * d.c, g + b * d.ho * d.wo * 2, o + b * d.ho * d.wo * d.c, nullptr,
+        d, align_corners, 0.f);
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error ValueAndJacobian(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> images,
+                            ffi::Buffer<ffi::F32> grid, ffi::ResultBuffer<ffi::F32> out,
+                            ffi::ResultBuffer<ffi::F32> jacobian, bool align_corners,
+                            float centre_tolerance) {
+  Dims d;
+  if (auto e = GetDims(images.dimensions(), grid.dimensions(), &d); e.failure()) return e;
+  const float* im = images.typed_data();
+  const float* g = grid.typed_data();
+  float* o = out->typed_data();
+  float* j = jacobian->typed_data();
+  auto run = d.c == 1   ? ForwardImage<1, true>
+             : d.c == 3 ? ForwardImage<3, true>
+                        : ForwardImage<0, true>;
+  ParallelFor(pool, d.n, 3 * d.ho * d.wo * d.c + 1, [&](int64_t b) {
+    const int64_t points = b * d.ho * d.wo;
+    run(im + b * d.h * d.w * d.c, g + 2 * points, o + d.c * points, j + 2 * d.c * points, d,
+        align_corners, centre_tolerance);
   });
   return ffi::Error::Success();
 }
@@ -211,19 +356,20 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> images,
 ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> images,
                     ffi::Buffer<ffi::F32> grid, ffi::Buffer<ffi::F32> cotangent,
                     ffi::ResultBuffer<ffi::F32> grad_images,
-                    ffi::ResultBuffer<ffi::F32> grad_grid, bool align_corners) {
-  if (auto e = CheckShapes(images.dimensions(), grid.dimensions()); e.failure()) return e;
-  const Dims d = GetDims(images.dimensions(), grid.dimensions());
+                    ffi::ResultBuffer<ffi::F32> grad_grid, bool align_corners,
+                    float centre_tolerance) {
+  Dims d;
+  if (auto e = GetDims(images.dimensions(), grid.dimensions(), &d); e.failure()) return e;
   const float* im = images.typed_data();
   const float* g = grid.typed_data();
   const float* ct = cotangent.typed_data();
   float* gi = grad_images->typed_data();
   float* gg = grad_grid->typed_data();
   auto run = d.c == 1 ? BackwardImage<1> : d.c == 3 ? BackwardImage<3> : BackwardImage<0>;
-  ParallelFor(pool, d.n, d.ho * d.wo * d.c + d.h * d.w * d.c, [&](int64_t b) {
+  ParallelFor(pool, d.n, 2 * d.ho * d.wo * d.c + d.h * d.w * d.c + 1, [&](int64_t b) {
     const int64_t image = b * d.h * d.w * d.c, points = b * d.ho * d.wo;
     run(im + image, g + 2 * points, ct + d.c * points, gi + image, gg + 2 * points, d,
-        align_corners);
+        align_corners, centre_tolerance);
   });
   return ffi::Error::Success();
 }
@@ -238,6 +384,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(StnBilinearForward, Forward,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<bool>("align_corners"));
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(StnBilinearValueAndJacobian, ValueAndJacobian,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("align_corners")
+                                  .Attr<float>("centre_tolerance"));
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(StnBilinearBackward, Backward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
@@ -246,4 +402,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(StnBilinearBackward, Backward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<bool>("align_corners"));
+                                  .Attr<bool>("align_corners")
+                                  .Attr<float>("centre_tolerance"));
