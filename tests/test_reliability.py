@@ -201,13 +201,6 @@ def test_eval_batch_must_divide_by_the_devices():
     guards.validate_config(tiny_config(batch_size=16, eval_batch_size=12), num_devices=8)
 
 
-def test_a_corrected_command_runs_in_the_directory_a_refused_one_named(tmp_path):
-  with pytest.raises(ValueError):
-    loop.train_and_evaluate(tiny_config(steps=2, eval_every=0), None, str(tmp_path))
-  config = tiny_config(steps=2)
-  assert loop.train_and_evaluate(config, tasks.build_task(config), str(tmp_path))["steps"] == 2
-
-
 # --- One writer per work directory --------------------------------------------------------
 
 
@@ -235,8 +228,11 @@ def test_a_second_run_is_refused_naming_the_holder_and_a_killed_holder_is_taken_
     holder.send_signal(signal.SIGKILL)
     holder.wait()
   # kill -9 left the lock file behind; its process is gone, so the next run takes it over.
-  results = loop.train_and_evaluate(config, tasks.build_task(config), str(tmp_path))
-  assert results["steps"] == 2 and not (tmp_path / workdir.LOCK_NAME).exists()
+  assert json.load(open(tmp_path / workdir.LOCK_NAME))["pid"] == holder.pid
+  lock = workdir.acquire_lock(str(tmp_path))
+  assert json.load(open(tmp_path / workdir.LOCK_NAME))["pid"] == os.getpid()
+  lock.release()
+  assert not (tmp_path / workdir.LOCK_NAME).exists()
 
 
 def test_a_lock_without_heartbeat_from_another_host_is_stale(tmp_path):
@@ -262,6 +258,9 @@ def snapshot(directory):
 
 
 def test_rerunning_a_finished_run_reports_the_stored_result_and_changes_nothing(tmp_path):
+  # A refused command first: it leaves nothing behind, so the corrected one runs here.
+  with pytest.raises(ValueError, match="config.eval_every must be a positive integer"):
+    loop.train_and_evaluate(tiny_config(steps=2, eval_every=0), None, str(tmp_path))
   config = tiny_config(steps=2)
   first = loop.train_and_evaluate(config, tasks.build_task(config), str(tmp_path))
   before = snapshot(tmp_path)
