@@ -232,8 +232,6 @@ GRID_FUNCTIONS = {
     "affine": (lambda b, hw: stn_jax.affine_grid(jnp.zeros((b, 2, 3)), hw)),
     "projective": (lambda b, hw: stn_jax.projective_grid(jnp.tile(jnp.eye(3), (b, 1, 1)), hw)),
     "tps": (lambda b, hw: stn_jax.tps_grid(jnp.zeros((b, 4, 2)), hw)),
-    "tps traced target": (lambda b, hw: stn_jax.tps_grid(
-        jnp.zeros((b, 4, 2)), hw, target_points=stn_jax.control_grid(2, 2))),
     "transform_grid": (lambda b, hw: stn_jax.transform_grid(jnp.zeros((b, 3)), hw,
                                                             transform="attention")),
 }
@@ -269,23 +267,29 @@ def test_degenerate_tps_target_raises_for_concrete_points(name, target, message)
       stn_jax.tps_grid(source, (4, 4), target_points=points)
 
 
+@jax.jit
+def _traced_tps(source, target):
+  """Grid, sampled sum and its gradients, with the target points traced."""
+  images = jnp.ones((1, 4, 4, 1))
+  def loss(s, t):
+    return sampling.sample(images, stn_jax.tps_grid(s, (3, 3), target_points=t)).sum()
+  value, grads = jax.value_and_grad(loss, (0, 1))(source, target)
+  return stn_jax.tps_grid(source, (3, 3), target_points=target), value, grads
+
+
 @pytest.mark.parametrize("name,target", [(d[0], d[1]) for d in DEGENERATE_TARGETS[:2]],
                          ids=[d[0] for d in DEGENERATE_TARGETS[:2]])
 def test_degenerate_traced_tps_target_is_outside_with_zero_gradient(name, target):
-  images = jnp.ones((1, 4, 4, 1))
-  loss = jax.jit(lambda s, t: sampling.sample(
-      images, stn_jax.tps_grid(s, (3, 3), target_points=t)).sum())
-  source = jnp.asarray(target[None] + 0.1, jnp.float32)
-  grid = jax.jit(lambda s, t: stn_jax.tps_grid(s, (3, 3), target_points=t))(
-      source, jnp.asarray(target, jnp.float32))
-  assert np.all(np.isnan(grid))
-  assert loss(source, jnp.asarray(target, jnp.float32)) == 0.0
-  for g in jax.grad(loss, (0, 1))(source, jnp.asarray(target, jnp.float32)):
+  target = jnp.asarray(target, jnp.float32)
+  grid, value, grads = _traced_tps(target[None] + 0.1, target)
+  assert np.all(np.isnan(grid)) and value == 0.0
+  for g in grads:
     np.testing.assert_array_equal(g, 0.0)
-  # A regular target on the same (traced) path is unaffected.
-  regular = stn_jax.control_grid(2, 2)
-  assert np.all(np.isfinite(jax.jit(lambda s, t: stn_jax.tps_grid(s, (3, 3), target_points=t))(
-      regular[None], regular)))
+  # Regular target points of the same shape, on the same traced path, are unaffected.
+  bend = np.arange(len(target))[:, None] ** 2 * np.asarray([0.02, -0.01])
+  regular = jnp.asarray(np.asarray(target) + bend, jnp.float32)
+  grid, value, grads = _traced_tps(regular[None], regular)
+  assert np.all(np.isfinite(grid)) and value > 0 and all(np.all(np.isfinite(g)) for g in grads)
 
 
 def test_tps_control_shape_of_one_row_is_refused():
