@@ -312,8 +312,8 @@ class _Run:
         f"{sum(x.size for x in jax.tree.leaves(state.params)):,} parameters")
     self.eval_step = steps.pmap_eval_step(self.eval_graph, evaluation=self.task.evaluation)
     self.test_images, self.test_labels = self.task.test_set()
-    if self.primary and hasattr(self.writer, "write_text"):  # TensorBoard text, where supported
-      self.writer.write_text("config", json.dumps(self.config_dict, indent=2, sort_keys=True))
+    self.writer.write_text("config", "```\n" + json.dumps(self.config_dict, indent=2,
+                                                         sort_keys=True) + "\n```")
     try:
       replicated, result = self.train(steps.replicate(state, jax.local_device_count()), hooks)
       return self.finish(jax.device_get(steps.unreplicate(replicated)), result)
@@ -425,8 +425,7 @@ class _Run:
     return {**results, "state": final, "model": model}
 
   def write_figure(self, model: nnx.Module) -> None:
-    """``transformers.png`` (and the same figure and the config in TensorBoard, when the
-    metric writer supports them)."""
+    """``transformers.png``, and the same figure in TensorBoard."""
     n = self.config.figure_examples
     labels = jax.tree.map(lambda y: np.asarray(y)[:n], self.test_labels)
     figure = transformer_figure(self.task, model, self.test_images[:n], labels,
@@ -434,6 +433,5 @@ class _Run:
     path = workdir_files.resolve(self.workdir) / "transformers.png"
     with workdir_files.local_file(path) as local:
       figure.savefig(local, dpi=100)
-    if hasattr(self.writer, "write_figure"):  # TensorBoard image, where supported
-      self.writer.write_figure(self.config.steps, "transformers", figure)
+    self.writer.write_figure(self.config.steps, "transformers", figure)
     self.progress.log(f"wrote {path}")

@@ -257,6 +257,18 @@ class MetricWriter:
         self._tb.add_scalar(f"{split}/{key}", float(x), int(step))
       self._sync_tensorboard()
 
+  def write_text(self, tag: str, text: str, step: int = 0) -> None:
+    """A TensorBoard text summary (the loop writes the run's config as ``config``)."""
+    if self._tb is not None:
+      self._tb.add_text(tag, text, int(step))
+      self._sync_tensorboard()
+
+  def write_figure(self, step: int, tag: str, figure) -> None:
+    """A ``matplotlib.figure.Figure`` as a TensorBoard image (the figure stays open)."""
+    if self._tb is not None:
+      self._tb.add_figure(tag, figure, int(step), close=False)
+      self._sync_tensorboard()
+
   def _sync_tensorboard(self) -> None:
     """Copies the staged event files to ``tensorboard/`` (``gs://`` work directories)."""
     if self._staging is None:
