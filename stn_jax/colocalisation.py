@@ -270,7 +270,8 @@ class CoLocaliser(nnx.Module):
   attention ``(s, tx, ty)``), ``embedding [B, F]`` of the transformer's 28x28
   crop and ``random_embedding [B, F]`` of a crop of the same scale (no
   gradient) at a uniform random place inside the canvas (drawn from the
-  model's ``dropout`` RNG stream, which the training step reseeds per step).
+  model's ``dropout`` RNG stream, which the training step reseeds per step;
+  from a fixed key in evaluation mode).
   """
 
   def __init__(self, encoder_weights: dict, *, canvas_hw: Sequence[int] = CANVAS_HW,
@@ -285,6 +286,9 @@ class CoLocaliser(nnx.Module):
     for name in self.encoder_names:
       setattr(self, f"encoder_{name}", FrozenWeight(jnp.asarray(encoder_weights[name])))
     self.rngs = nnx.Rngs(dropout=rngs.dropout())
+    # Evaluation mode (``model.eval()``) draws the random crops from a fixed key, so that
+    # evaluating changes no state (and a restored, read-only model can be called).
+    self.deterministic = False
 
   def embed(self, crops: jax.Array) -> jax.Array:
     """Embeddings ``[B, F]`` of crops ``[B, 28, 28, 1]`` by the frozen encoder."""
@@ -294,7 +298,8 @@ class CoLocaliser(nnx.Module):
     crops, params = self.st(x)
     b = x.shape[0]
     scale = jnp.clip(jax.lax.stop_gradient(jnp.abs(params[:, :1])), 0.05, 1.0)
-    centre = jax.random.uniform(self.rngs.dropout(), (b, 2), minval=-1.0, maxval=1.0) * (1 - scale)
+    key = jax.random.key(0) if self.deterministic else self.rngs.dropout()
+    centre = jax.random.uniform(key, (b, 2), minval=-1.0, maxval=1.0) * (1 - scale)
     random_crops = warping.warp(x, jnp.concatenate([scale, centre], -1), CROP_HW,
                                 transform="attention")
     return {"params": params, "embedding": self.embed(crops),

@@ -148,6 +148,11 @@ def test_model_starts_centred_and_trains_only_the_localisation_net():
   assert all("encoder" not in str(path) for path, _ in nnx.to_flat_state(params))
   assert len(nnx.to_flat_state(nnx.state(model, co.FrozenWeight))) == len(weights)
 
+  model.eval()   # Evaluation: the random crops come from a fixed key; no state changes.
+  first, second = model(jnp.asarray(x)), model(jnp.asarray(x))
+  np.testing.assert_array_equal(first["random_embedding"], second["random_embedding"])
+  model.train()
+
   def total(m):
     o = m(jnp.asarray(x))
     return co.colocalisation_terms(o, y, margin=100.0)[0].sum()
