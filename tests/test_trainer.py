@@ -111,19 +111,20 @@ def test_a_different_config_in_the_workdir_is_refused(tmp_path):
 
 def test_continuing_a_run_with_more_steps(tmp_path):
   """More steps in the same work directory train on from the last checkpoint; fewer are refused."""
-  short = tiny_config(steps=2)
+  short = tiny_config("fcn_r", steps=2)
   first = loop.train_and_evaluate(short, tasks.build_task(short), str(tmp_path))
-  longer = tiny_config(steps=4)
+  longer = tiny_config("fcn_r", steps=4)
   more = loop.train_and_evaluate(longer, tasks.build_task(longer), str(tmp_path))
   assert more["resumed_from_step"] == 2 and more["steps"] == 4
   assert int(more["state"].step) == 4 and int(first["state"].step) == 2
   assert json.load(open(tmp_path / "config.json"))["steps"] == 4
   assert [r["step"] for r in workdir.read_metrics(str(tmp_path)) if r["split"] == "train"] == [2, 4]
   with pytest.raises(ValueError, match="holds a checkpoint at step 4, beyond steps=3"):
-    loop.train_and_evaluate(tiny_config(steps=3), tasks.build_task(short), str(tmp_path))
+    loop.train_and_evaluate(tiny_config("fcn_r", steps=3), tasks.build_task(short), str(tmp_path))
   with pytest.raises(workdir.ConfigMismatchError, match=r"(?s)seed: 0 in the work directory, 5 now"
                      r".*Use a new work directory \(--workdir, or the workdir argument in Python\)"):
-    loop.train_and_evaluate(tiny_config(steps=6, seed=5), tasks.build_task(short), str(tmp_path))
+    loop.train_and_evaluate(tiny_config("fcn_r", steps=6, seed=5), tasks.build_task(short),
+                            str(tmp_path))
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
