@@ -21,7 +21,8 @@ from typing import Optional
 import jax
 import numpy as np
 
-from stn_jax import datasets, distortions, models, objectives
+from stn_jax import (colocalisation as coloc, datasets, distortions, models, modules3d, objectives,
+                     volumetric)
 from stn_jax.loop import Task
 
 
@@ -260,9 +261,81 @@ def cub(config) -> Task:
               objectives.classification_terms, views, objectives.CLASSIFICATION)
 
 
+# --- Co-localisation (appendix A.2) ---------------------------------------------------------
+
+
+def colocalisation(config) -> Task:
+  """Pairs of same-class digits on 84x84 canvases; triplet loss; localised % as accuracy."""
+  train_images, train_labels = mnist_arrays(config, "train")
+  test_images, test_labels = mnist_arrays(config, "test")
+  shard = datasets.shard_of_batch(config.batch_size)
+  pairs = dict(num_clutter=config.num_clutter, digit_class=config.digit_class)
+
+  @functools.cache
+  def encoder_weights():  # Once per task: a restored model takes its weights from the checkpoint.
+    return coloc.pretrain_encoder(train_images, train_labels, steps=config.encoder_steps,
+                                  seed=config.seed)
+
+  def make_model(rngs):
+    return coloc.CoLocaliser(encoder_weights(), rngs=rngs)
+
+  def train_batches(start_step):
+    by_class = coloc.class_index(train_labels)
+    return datasets.stream(lambda step: coloc.pair_batch(train_images, by_class,
+                                                 batch=config.batch_size, seed=config.seed,
+                                                 step=step, shard=shard, **pairs), start_step)
+
+  def test_set():
+    return coloc.pair_batch(test_images, coloc.class_index(test_labels),
+                            batch=config.test_examples, seed=config.test_seed, step=0, **pairs)
+
+  terms = functools.partial(coloc.colocalisation_terms, margin=config.margin)
+  views = lambda model, x: _transformer_views([model.st], [x])  # noqa: E731
+  return Task(make_model, train_batches, test_set, terms, views,
+              coloc.evaluation(margin=config.margin))
+
+
+# --- 3-D MNIST (appendix A.3) ---------------------------------------------------------------
+
+
+def mnist_3d(config) -> Task:
+  """Extruded, 3-D rotated and translated digits; a 3-D transformer or none, then a 2-D CNN."""
+  train_images, train_labels = mnist_arrays(config, "train")
+  test_images, test_labels = mnist_arrays(config, "test")
+  shard = datasets.shard_of_batch(config.batch_size)
+  size, out = config.volume_size, config.output_size
+  volumes = functools.partial(volumetric.extruded_digits, size=size, thickness=config.thickness,
+                              max_degrees=config.max_degrees, max_shift=config.max_shift)
+
+  def make_model(rngs):
+    return modules3d.ProjectedVolumeClassifier((size,) * 3, out_dhw=(out,) * 3,
+                                               st3d=config.st3d, projection=config.projection,
+                                               rngs=rngs)
+
+  def batch(step):  # The whole global batch, then this process's shard of it.
+    idx = datasets.batch_indices(len(train_images), config.batch_size, config.seed, step)
+    key = jax.random.fold_in(jax.random.key(config.seed), step)
+    return np.asarray(volumes(key, train_images[idx]))[shard], train_labels[idx][shard]
+
+  def train_batches(start_step):
+    return datasets.stream(batch, start_step)
+
+  def test_set():
+    n = config.test_examples
+    return np.asarray(volumes(jax.random.key(config.test_seed), test_images[:n])), test_labels[:n]
+
+  # No loop figure: its inputs are volumes (experiments/mnist_3d_report.py draws them).
+  return Task(make_model, train_batches, test_set, objectives.classification_terms)
+
+
 # The one list of tasks: config.task -> its builder.
-TASKS = {"distorted_mnist": distorted_mnist, "mnist_addition": mnist_addition,
-         "sequences": sequences, "svhn": svhn, "cub": cub}
+TASKS = {"distorted_mnist": distorted_mnist,
+         "mnist_addition": mnist_addition,
+         "sequences": sequences,
+         "svhn": svhn,
+         "cub": cub,
+         "colocalisation": colocalisation,
+         "mnist_3d": mnist_3d}
 
 
 def build_task(config) -> Task:

@@ -20,7 +20,8 @@ import os
 import types
 
 # The families, in the order they are listed. Adding one: its module plus one entry here.
-FAMILIES = ("distorted_mnist", "cluttered_mnist", "mnist_addition", "sequences", "svhn", "cub")
+FAMILIES = ("distorted_mnist", "cluttered_mnist", "mnist_addition", "sequences", "svhn", "cub",
+            "colocalisation", "mnist_3d")
 
 
 def family_module(family: str) -> types.ModuleType:
