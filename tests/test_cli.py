@@ -17,7 +17,9 @@ import zipfile
 from stn_jax import cli, configs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-ENV = dict(os.environ, JAX_PLATFORMS="cpu")
+# No PYTHONPATH: the installed wheel, not a source tree on the path, must be what runs.
+ENV = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+ENV["JAX_PLATFORMS"] = "cpu"
 
 
 def run(command, cwd, timeout=240):
