@@ -56,9 +56,9 @@ from stn_jax import coordinates
 from stn_jax import sampling
 
 METHODS_3D = ("trilinear", "nearest")
-# The 2-D sampler's rule (issue 13): within this many voxels of a voxel
-# centre a coordinate's derivative is the central difference.
-PIXEL_CENTRE_TOLERANCE = 1e-4
+# The 2-D sampler's rule (issue 13), the same constant: within this many voxels
+# of a voxel centre a coordinate's derivative is the central difference.
+PIXEL_CENTRE_TOLERANCE = sampling.PIXEL_CENTRE_TOLERANCE
 
 
 # --- Argument checks ----------------------------------------------------------------------
