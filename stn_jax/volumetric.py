@@ -53,6 +53,7 @@ import numpy as np
 
 from stn_jax import _validation as v
 from stn_jax import coordinates
+from stn_jax import sampler_axes
 from stn_jax import sampling
 
 METHODS_3D = ("trilinear", "nearest")
@@ -190,22 +191,11 @@ def _clamp(coord, size: int):
   return jnp.where(coord < 0, 0.0, jnp.where(coord > size - 1, size - 1.0, coord))
 
 
-def _reflect(coord, size: int, align_corners: bool):
-  """Reflects voxel coordinates into the volume (``grid_sample``'s reflection)."""
-  low, span = (0.0, float(size - 1)) if align_corners else (-0.5, float(size))
-  if span == 0:
-    return jnp.zeros_like(coord)
-  dist = jnp.abs(coord - low)
-  flips = jax.lax.stop_gradient(jnp.floor(dist / span))
-  extra = dist - flips * span
-  return jnp.where(flips % 2 == 0, low + extra, low + span - extra)
-
-
 def _pad(coord, size: int, padding_mode: str, align_corners: bool):
   if padding_mode == "border":
     return _clamp(coord, size)
   if padding_mode == "reflection":
-    return _clamp(_reflect(coord, size, align_corners), size)
+    return _clamp(sampler_axes.reflect(coord, size, align_corners), size)
   # 'zeros': beyond 2 voxels out every tap reads 0, so clamping there changes
   # neither values nor gradients and keeps the integer conversion in range.
   return jnp.clip(coord, -3.0, size + 2.0)
@@ -238,7 +228,7 @@ def _axis_taps(coord, size: int, method: str, padding_mode: str, align_corners: 
     if padding_mode == "zeros":
       weights[i] = jnp.where((pos >= 0) & (pos <= size - 1), weights[i], 0.0)
     elif padding_mode == "reflection":
-      pos = _clamp(_reflect(pos, size, align_corners), size)
+      pos = _clamp(sampler_axes.reflect(pos, size, align_corners), size)
     index.append(_clamp(pos, size).astype(jnp.int32))  # Border; keeps gathers in bounds.
   return index, weights
 
