@@ -143,9 +143,17 @@ def write_table(found: dict, path: str) -> None:
                    f" | {r['date'][:10]} |")
     commands = sorted({r.get("command", "") for r in cells.values()} - {""})
     lines += ["", "Commands:", ""] + [f"    {c}" for c in commands] + [""]
+  # Only the Table 1 part is ours: sections written by hand after it (the first
+  # top-level heading after the first line) are kept as they are.
+  kept = ""
+  if os.path.exists(path):
+    with open(path) as f:
+      existing = f.read().split("\n")
+    later = [i for i, line in enumerate(existing) if i > 0 and line.startswith("# ")]
+    kept = "\n".join(existing[later[0]:]) if later else ""
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, "w") as f:
-    f.write("\n".join(lines) + "\n")
+    f.write("\n".join(lines) + "\n" + (kept if kept.endswith("\n") or not kept else kept + "\n"))
   print(f"wrote {path}")
 
 
