@@ -150,10 +150,10 @@ def write_table(found: dict, path: str) -> None:
     with open(path) as f:
       existing = f.read().split("\n")
     later = [i for i, line in enumerate(existing) if i > 0 and line.startswith("# ")]
-    kept = "\n".join(existing[later[0]:]) if later else ""
+    kept = "\n".join(existing[later[0]:]).rstrip("\n") + "\n" if later else ""
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, "w") as f:
-    f.write("\n".join(lines) + "\n" + (kept if kept.endswith("\n") or not kept else kept + "\n"))
+    f.write("\n".join(lines) + "\n" + kept)
   print(f"wrote {path}")
 
 

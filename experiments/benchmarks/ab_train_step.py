@@ -1,13 +1,21 @@
-# A/B helper for docs/benchmarks/architecture_round.md: run from the root of each tree (main, and a worktree of ab639ff).
+"""A/B of the ST-CNN pmap train step (batch 256) for docs/benchmarks/architecture_round.md.
+
+  PYTHONPATH=. python experiments/benchmarks/ab_train_step.py HLO_OUT [REPEATS]
+
+Run from the root of each tree (main, and a worktree of ab639ff). Writes the
+compiled step's HLO to HLO_OUT and prints its op counts and the median step
+time. NOGUARD=all|params|capture|sum turns (parts of) main's finiteness
+guards off; 'sum' replaces the per-array parameter flags by one flag.
+"""
 import os, sys, re, collections, time
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import jax, numpy as np
 from flax import nnx
 from stn_jax import distortions, host_memory
-try:
-  assert os.path.exists("stn_jax/steps.py")
-  from stn_jax import optim, steps, tasks; from stn_jax.configs import distorted_mnist; old=False
-except AssertionError:
+old = not os.path.exists("stn_jax/steps.py")  # ab639ff's layout
+if not old:
+  from stn_jax import optim, steps, tasks; from stn_jax.configs import distorted_mnist
+else:
   from experiments import tasks; from experiments.configs import distorted_mnist
   from stn_jax import trainer as optim, training as steps; old=True
 host_memory.reuse_freed_host_memory()
@@ -18,9 +26,6 @@ if os.environ.get("NOGUARD"):
   if os.environ["NOGUARD"] == "sum":
     import jax.numpy as jnp
     guards.parameter_flags = lambda p: {"parameters": jnp.isfinite(sum(jnp.sum(l) for l in jax.tree.leaves(p))).astype(jnp.float32)}
-  if os.environ["NOGUARD"] == "stack":
-    import jax.numpy as jnp
-    guards.parameter_flags = lambda p: {"parameters": jnp.all(jnp.isfinite(jnp.stack([jnp.sum(l) for l in jax.tree.leaves(p)]))).astype(jnp.float32)}
   if os.environ["NOGUARD"] in ("all", "params"):
     guards.parameter_flags = lambda p: {}
 batch=256
