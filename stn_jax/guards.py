@@ -9,11 +9,14 @@ command runs in the same directory.
 A localisation net whose parameters or outputs become NaN or infinite is
 invisible in the loss: the sampler reads non-finite grid points as
 "outside", so every warped image is blank, the loss stays near chance and
-the gradient stays finite. Inside the training step, :func:`parameter_flags`
-computes one flag per parameter array and :func:`transform_flags` one per
+the gradient stays finite. Inside the training step, :func:`parameters_flag`
+computes one flag for all the parameters and :func:`transform_flags` one per
 localisation net output (the transform parameters, captured with
 ``nnx.capture``); :func:`check_finite` turns a false flag into a
-:class:`NonFiniteError` naming the step and the parameter or layer.
+:class:`NonFiniteError` naming the step and the layer, or the parameter
+arrays, which :func:`non_finite_parameters` finds on the host only once the
+single flag has fired (one flag, not one per array, keeps the step as fast
+as it was without guards: docs/benchmarks/architecture_round.md).
 
 :class:`StopSignals` turns SIGINT/SIGTERM into a stop after the current step
 with a checkpoint (:class:`RunInterrupted`); :func:`sampler_fingerprint`
@@ -27,6 +30,7 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from stn_jax.optim import LOCALISATION_KEY
@@ -112,10 +116,31 @@ def localisation_outputs(intermediates) -> dict[str, jax.Array]:
   return out
 
 
-def parameter_flags(params) -> dict[str, jax.Array]:
-  """``{'parameter <dotted path>': 1.0 if every value is finite else 0.0}`` per array."""
-  return {f"parameter {dotted(path)}": jnp.all(jnp.isfinite(leaf)).astype(jnp.float32)
-          for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+PARAMETERS_FLAG = "parameters"
+
+
+def parameters_flag(params) -> dict[str, jax.Array]:
+  """``{'parameters': 1.0 if every value of every array in ``params`` is finite else 0.0}``.
+
+  One flag for the whole tree, computed inside the step: the largest
+  magnitude over all arrays, which is NaN or infinite exactly when some
+  value is (no overflow from large finite values, unlike a sum).
+  """
+  leaves = [jnp.max(jnp.abs(leaf)) for leaf in jax.tree.leaves(params) if jnp.size(leaf)]
+  if not leaves:
+    return {PARAMETERS_FLAG: jnp.ones((), jnp.float32)}
+  largest = jnp.max(jnp.stack(leaves).astype(jnp.float32))
+  return {PARAMETERS_FLAG: jnp.isfinite(largest).astype(jnp.float32)}
+
+
+def non_finite_parameters(params) -> list[str]:
+  """``['parameter <dotted path>', ...]``: the arrays of ``params`` holding a NaN or infinity.
+
+  Host-side (numpy) search, run only after :func:`parameters_flag` fired.
+  """
+  return [f"parameter {dotted(path)}"
+          for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+          if not np.all(np.isfinite(np.asarray(leaf)))]
 
 
 def transform_flags(intermediates) -> dict[str, jax.Array]:
@@ -134,16 +159,22 @@ def capture_call(model: nnx.Module, images):
   return nnx.capture(model, nnx.Intermediate, method_outputs=nnx.Intermediate)(images)
 
 
-def check_finite(metrics: dict, step: int, kept: Callable[[], str]) -> None:
-  """Raises :class:`NonFiniteError` for a non-finite loss or flag (:func:`parameter_flags`,
+def check_finite(metrics: dict, step: int, kept: Callable[[], str],
+                 locate: Optional[Callable[[], list[str]]] = None) -> None:
+  """Raises :class:`NonFiniteError` for a non-finite loss or flag (:func:`parameters_flag`,
   :func:`transform_flags`) below 1.
 
   ``metrics``: host values of one step (``loss`` and ``finite``, the flags);
   ``step``: the step they belong to (as the loop counts); ``kept()``: a
-  sentence on the checkpoint that is kept, asked only when stopping.
+  sentence on the checkpoint that is kept, asked only when stopping;
+  ``locate()``: names the non-finite parameter arrays
+  (:func:`non_finite_parameters` of the run's parameters), asked only when
+  the ``'parameters'`` flag fired; without it the message says "parameters".
   """
   loss = float(metrics["loss"])
   bad = sorted(name for name, ok in metrics.get("finite", {}).items() if not float(ok) >= 1.0)
+  if PARAMETERS_FLAG in bad and locate is not None:
+    bad = sorted((set(bad) - {PARAMETERS_FLAG}) | set(locate() or [PARAMETERS_FLAG]))
   if math.isfinite(loss) and not bad:
     return
   shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")

@@ -172,10 +172,15 @@ def evaluate(eval_step, state, images, labels, *, batch_size: int,
   for x, y, mask in steps.padded_batches(images, labels, local,
                                          shard=(jax.process_index(), count)):
     sums = eval_step(state, *steps.shard_batch((x, y, mask)))
-    for k, value in jax.device_get(steps.unreplicate(sums)).items():
+    for k, value in host_values(sums).items():
       totals[k] = totals.get(k, 0.0) + float(value)
   n = totals.pop("count")
   return {**evaluation.summarise(totals, n), "count": n}
+
+
+def host_values(replicated_tree):
+  """The first device's copy of a replicated tree (metrics, state), as numpy on the host."""
+  return jax.device_get(steps.unreplicate(replicated_tree))
 
 
 def describe_machine() -> str:
@@ -316,7 +321,7 @@ class _Run:
                                                          sort_keys=True) + "\n```")
     try:
       replicated, result = self.train(steps.replicate(state, jax.local_device_count()), hooks)
-      return self.finish(jax.device_get(steps.unreplicate(replicated)), result)
+      return self.finish(host_values(replicated), result)
     finally:
       self.progress.close()
       self.writer.close()
@@ -342,9 +347,12 @@ class _Run:
     self.progress.log(f"step {done}: loss {values['loss']:.4f} acc {values['accuracy']:.3f} "
                       f"lr {values['learning_rate']:.2g} {values['images_per_second']:.0f} img/s")
 
-  def check_finite(self, metrics, step: int) -> None:
-    guards.check_finite(jax.device_get(steps.unreplicate(metrics)), step,
-                        self.checkpoints.describe_kept)
+  def check_finite(self, host: dict, step: int, replicated) -> None:
+    """Raises :class:`guards.NonFiniteError` if step ``step``'s metrics (``host``: on the
+    host, unreplicated) flag a non-finite value; the parameter arrays are named from
+    ``replicated``, the state the loop holds now."""
+    guards.check_finite(host, step, self.checkpoints.describe_kept,
+                        lambda: guards.non_finite_parameters(host_values(replicated).params))
 
   # The step loop stays in one piece: the order of dispatch, the deferred finiteness check
   # of the previous step and the periodic actions is what keeps the devices busy.
@@ -368,14 +376,14 @@ class _Run:
         x, y = steps.shard_batch((images, labels), jax.local_device_count())
         replicated, metrics = train_step(replicated, x, y, rng)
         if pending is not None:        # Check the previous step while this one runs.
-          self.check_finite(pending[1], pending[0])
+          self.check_finite(host_values(pending[1]), pending[0], replicated)
         pending = (step, metrics)
         done = step + 1
         for hook in hooks:
           hook(done, replicated)
         if log(done) or checkpoint_now(done):
-          host = jax.device_get(steps.unreplicate(metrics))
-          guards.check_finite(host, step, self.checkpoints.describe_kept)
+          host = host_values(metrics)
+          self.check_finite(host, step, replicated)
           pending = None
         self.progress.update(1)
         if log(done):
@@ -388,7 +396,7 @@ class _Run:
           with clock.paused():
             self.checkpoints.save(steps.unreplicate(replicated))
         if (received := signals.requested(done)) and done != last:
-          self.check_finite(metrics, step)
+          self.check_finite(host_values(metrics), step, replicated)
           self.checkpoints.save(steps.unreplicate(replicated))
           raise guards.RunInterrupted(received, done, str(self.checkpoints.directory))
       if result is None:   # Nothing left to train (a finished run): evaluate its final state.

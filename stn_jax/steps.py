@@ -79,7 +79,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, *,
   an uninterrupted one would. With ``axis_name`` the gradients and metrics
   are averaged over that axis, so every device applies the same update.
   ``metrics``: mean ``loss`` and ``accuracy`` of the batch, ``grad_norm``,
-  and ``finite``: a flag (1.0 if finite) per updated parameter array and per
+  and ``finite``: a flag (1.0 if finite) for all the updated parameters and one per
   localisation net output (:mod:`stn_jax.guards`; a NaN localisation net
   leaves the loss finite).
   """
@@ -101,7 +101,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, *,
     metrics["grad_norm"] = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics["finite"].update(guards.parameter_flags(params))
+    metrics["finite"].update(guards.parameters_flag(params))
     return TrainState(state.step + 1, params, rest, opt_state), metrics
 
   return step

@@ -176,6 +176,32 @@ def test_nan_parameters_are_named(tmp_path):
     loop.train_and_evaluate(config, task, str(tmp_path))
 
 
+@pytest.mark.parametrize("bad,expected", [
+    (None, 1.0), (jnp.nan, 0.0), (jnp.inf, 0.0), (-jnp.inf, 0.0)])
+def test_one_parameters_flag_covers_every_array_without_overflowing(bad, expected):
+  huge = {"a": jnp.full((3, 3), 3e38, jnp.float32), "b": {"c": -jnp.full((4,), 3e38)},
+          "empty": jnp.zeros((0,))}      # A sum of these would overflow to inf.
+  if bad is not None:
+    huge["b"]["c"] = huge["b"]["c"].at[2].set(bad)
+  flag = jax.jit(guards.parameters_flag)(huge)
+  assert list(flag) == ["parameters"] and float(flag["parameters"]) == expected
+  assert guards.non_finite_parameters(huge) == ([] if bad is None else ["parameter b.c"])
+
+
+def test_the_parameters_flag_is_resolved_to_array_names_only_when_asked():
+  metrics = {"loss": 0.5, "finite": {"parameters": 0.0, "transform parameters of st": 1.0}}
+  asked = []
+  locate = lambda: asked.append(1) or ["parameter head.kernel", "parameter st.bias"]
+  with pytest.raises(guards.NonFiniteError, match=r"appeared in parameter head\.kernel, "
+                                                  r"parameter st\.bias at step 7; stopping; kept"):
+    guards.check_finite(metrics, 7, lambda: "kept", locate)
+  with pytest.raises(guards.NonFiniteError, match=r"appeared in parameters at step 7"):
+    guards.check_finite(metrics, 7, lambda: "kept")
+  metrics["finite"]["parameters"] = 1.0
+  guards.check_finite(metrics, 7, lambda: "kept", locate)
+  assert asked == [1]
+
+
 # --- Validation before anything is written ------------------------------------------------
 
 

@@ -4,8 +4,9 @@
 
 Run from the root of each tree (main, and a worktree of ab639ff). Writes the
 compiled step's HLO to HLO_OUT and prints its op counts and the median step
-time. NOGUARD=all|params|capture|sum turns (parts of) main's finiteness
-guards off; 'sum' replaces the per-array parameter flags by one flag.
+time. NOGUARD=all|params|capture turns (parts of) main's finiteness
+guards off (before 2026-12-07 a 'sum' variant tried the single parameters
+flag that main now has).
 """
 import os, sys, re, collections, time
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -23,11 +24,8 @@ if os.environ.get("NOGUARD"):
   from stn_jax import guards
   if os.environ["NOGUARD"] in ("all", "capture"):
     guards.capture_call = lambda m, im: (m(im), {}); guards.transform_flags = lambda c: {}
-  if os.environ["NOGUARD"] == "sum":
-    import jax.numpy as jnp
-    guards.parameter_flags = lambda p: {"parameters": jnp.isfinite(sum(jnp.sum(l) for l in jax.tree.leaves(p))).astype(jnp.float32)}
   if os.environ["NOGUARD"] in ("all", "params"):
-    guards.parameter_flags = lambda p: {}
+    guards.parameters_flag = lambda p: {}
 batch=256
 config = distorted_mnist.get_config("st_cnn_affine_rts"); config.batch_size = batch; config.data = "synthetic"
 rng = np.random.default_rng(0)
