@@ -152,3 +152,10 @@ def test_bad_variant_and_shape():
     distortions.distort(jax.random.key(0), fake_digits(2), "Q")
   with pytest.raises(ValueError, match=r"digits must have shape \[B, 28, 28, 1\]; got \[2, 32, 32, 1\]"):
     distortions.distort(jax.random.key(0), np.zeros((2, 32, 32, 1), np.uint8), "R")
+
+
+def test_p_corner_quads_fold_only_under_noise():
+  from experiments.p_distortion_stats import quad_statistics
+  assert quad_statistics(0.0, 2000) == {"not_convex": 0.0, "area_below_40pct": 0.0}
+  noisy = quad_statistics(5.0, 20000)
+  assert 0.005 < noisy["not_convex"] < 0.05 and noisy["area_below_40pct"] > noisy["not_convex"]

@@ -1,6 +1,7 @@
 """Images/second of one ST-CNN training step: stn_jax against the same model in PyTorch.
 
-  python -m experiments.benchmarks.train_step [--config st_cnn_affine_rts] [--batch 256]
+  python -m experiments.benchmarks.train_step [--config st_cnn_affine_rts] [--batches 256]
+  python -m experiments.benchmarks.train_step --batches 32,64,128,256,512   # batch scaling
 
 Both sides run the same network (Table 1's ST-CNN from
 stn_jax/configs/distorted_mnist.py: CNN localisation net conv(20, 5x5)-
@@ -73,23 +74,17 @@ def torch_st_cnn(in_hw, post_pool: int, transform: str):
   return Net()
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--config", default="st_cnn_affine_rts", choices=distorted_mnist.NAMES)
-  parser.add_argument("--batch", type=int, default=256)
-  parser.add_argument("--repeats", type=int, default=20)
-  parser.add_argument("--out", default=None, help="also write the markdown table here")
-  args = parser.parse_args(argv)
-  host_memory.reuse_freed_host_memory()  # before the first computation
+def measure(config_name: str, batch: int, repeats: int) -> tuple[dict[str, float], int]:
+  """``({'stn_jax': ms, 'torch': ms}, parameter count)``: median step times at ``batch``."""
   import torch
 
-  config = distorted_mnist.get_config(args.config)
-  config.batch_size = args.batch
+  config = distorted_mnist.get_config(config_name)
+  config.batch_size = batch
   in_hw = distortions.OUTPUT_HW[config.variant]
   rng = np.random.default_rng(0)
-  digits = rng.integers(0, 256, (args.batch, 28, 28, 1), dtype=np.uint8)
+  digits = rng.integers(0, 256, (batch, 28, 28, 1), dtype=np.uint8)
   images = np.asarray(distortions.distort(jax.random.key(0), digits, config.variant))
-  labels = rng.integers(0, 10, args.batch).astype(np.int32)
+  labels = rng.integers(0, 10, batch).astype(np.int32)
 
   # stn_jax: the trainer's step (pmap over the one local CPU device, state donated).
   config.data = "synthetic"
@@ -121,15 +116,33 @@ def main(argv=None):
   count_torch = sum(p.numel() for p in net.parameters())
   if count_jax != count_torch:
     raise SystemExit(f"models differ: {count_jax} parameters in stn_jax, {count_torch} in torch")
-  ms = time_interleaved({"stn_jax": jax_step, "torch": torch_step}, args.repeats)
-  rows = [environment_line(), "",
-          f"Training step of {args.config} ({count_jax:,} parameters), batch {args.batch}, "
-          f"SGD momentum, medians of {args.repeats} interleaved steps:", "",
-          "| system | ms / step | images / s | time / torch |", "|---|---|---|---|"]
-  for name in ("stn_jax", "torch"):
-    rows.append(f"| {name} | {ms[name]:.1f} | {1e3 * args.batch / ms[name]:.0f} | "
-                f"{ms[name] / ms['torch']:.2f} |")
-  table = "\n".join(rows)
+  return time_interleaved({"stn_jax": jax_step, "torch": torch_step}, repeats), count_jax
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--config", default="st_cnn_affine_rts", choices=distorted_mnist.NAMES)
+  parser.add_argument("--batches", default="256",
+                      help="comma-separated batch sizes, e.g. 32,64,128,256,512 for a scaling table")
+  parser.add_argument("--repeats", type=int, default=20)
+  parser.add_argument("--out", default=None, help="also write the markdown table here")
+  args = parser.parse_args(argv)
+  host_memory.reuse_freed_host_memory()  # before the first computation
+  batches = [int(b) for b in args.batches.split(",")]
+  if any(b < 1 for b in batches):
+    raise SystemExit(f"--batches must be positive integers; got {args.batches!r}")
+  rows = []
+  for batch in batches:
+    ms, count = measure(args.config, batch, args.repeats)
+    for name in ("stn_jax", "torch"):
+      rows.append(f"| {batch} | {name} | {ms[name]:.1f} | {1e3 * batch / ms[name]:.0f} | "
+                  f"{ms[name] / ms['torch']:.2f} |")
+    print(rows[-2], rows[-1], sep="\n", flush=True)
+  table = "\n".join([environment_line(), "",
+                     f"Training step of {args.config} ({count:,} parameters), SGD momentum, "
+                     f"medians of {args.repeats} interleaved steps per batch size:", "",
+                     "| batch | system | ms / step | images / s | time / torch |",
+                     "|---|---|---|---|---|"] + rows)
   print(table)
   if args.out:
     with open(args.out, "w") as f:
