@@ -4,8 +4,8 @@
 
 :func:`stn_jax.distortions.projective` moves the four corners of the (scaled)
 28x28 digit by independent N(0, sigma px) noise per coordinate and warps the
-digit onto the quad they make. This draws the same distribution (its scale
-range and image size read from that function's defaults) and reports, per
+digit onto the quad they make. This draws the same corners
+(:func:`stn_jax.distortions.projective_corners`) and reports, per
 sigma, the share of quads that are not convex (the warp folds the digit over
 the line at infinity: mirrored or cut fragments) and the share whose area is
 under 40% of the image (the digit shrunk to a few pixels along one side).
@@ -14,8 +14,8 @@ under 40% of the image (the digit shrunk to a few pixels along one side).
 from __future__ import annotations
 
 import argparse
-import inspect
 
+import jax
 import numpy as np
 
 from stn_jax import distortions
@@ -23,15 +23,12 @@ from stn_jax import distortions
 
 def quad_statistics(sigma: float, samples: int, seed: int = 0) -> dict[str, float]:
   """``{'not_convex': share, 'area_below_40pct': share}`` of ``samples`` P corner quads."""
-  scale_range = inspect.signature(distortions.projective).parameters["scale_range"].default
   h, w = distortions.DIGIT_HW
-  rng = np.random.default_rng(seed)
-  corners = np.asarray([[0, 0], [w - 1, 0], [w - 1, h - 1], [0, h - 1]], np.float64)
-  centre = (np.asarray([w, h], np.float64) - 1) / 2
-  scale = rng.uniform(*scale_range, (samples, 1, 1))
-  moved = centre + scale * (corners - centre) + sigma * rng.normal(size=(samples, 4, 2))
-  edge = np.roll(moved, -1, axis=1) - moved                       # [N, 4, 2] edge k -> k+1
-  turn = edge[..., 0] * np.roll(edge, -1, axis=1)[..., 1] - edge[..., 1] * np.roll(edge, -1, axis=1)[..., 0]
+  moved = np.asarray(distortions.projective_corners(jax.random.key(seed), samples, sigma),
+                     np.float64)                                  # [N, 4, 2]
+  edge = np.roll(moved, -1, axis=1) - moved                       # edge k -> k+1
+  next_edge = np.roll(edge, -1, axis=1)
+  turn = edge[..., 0] * next_edge[..., 1] - edge[..., 1] * next_edge[..., 0]
   convex = np.all(turn > 0, axis=1) | np.all(turn < 0, axis=1)
   x, y = moved[..., 0], moved[..., 1]
   area = 0.5 * np.abs(np.sum(x * np.roll(y, -1, 1) - np.roll(x, -1, 1) * y, axis=1))

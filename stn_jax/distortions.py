@@ -101,16 +101,30 @@ def _homography_from_points(src, dst):
   return jnp.concatenate([h, jnp.ones_like(h[:, :1])], 1).reshape(-1, 3, 3)
 
 
+def _digit_corners():
+  """``[4, 2]`` pixel ``(x, y)`` corners of a digit: top-left, top-right, bottom-right, bottom-left."""
+  h, w = DIGIT_HW
+  return jnp.asarray([[0, 0], [w - 1, 0], [w - 1, h - 1], [0, h - 1]], jnp.float32)
+
+
+def projective_corners(key, batch: int, corner_sigma: float = 5.0, scale_range=(0.75, 1.0)):
+  """``[batch, 4, 2]`` pixel positions P moves the digit's corners to (see :func:`projective`).
+
+  The digit is scaled about its centre by U(scale_range), then each corner
+  coordinate moved by independent N(0, corner_sigma px) noise.
+  """
+  k_scale, k_noise = jax.random.split(key)
+  corners = _digit_corners()
+  centre = (jnp.asarray(DIGIT_HW[::-1], jnp.float32) - 1) / 2
+  scale = jax.random.uniform(k_scale, (batch, 1, 1), minval=scale_range[0], maxval=scale_range[1])
+  return centre + scale * (corners - centre) + corner_sigma * jax.random.normal(k_noise, (batch, 4, 2))
+
+
 def projective(key, digits, corner_sigma: float = 5.0, scale_range=(0.75, 1.0)):
   """P: scale, then random Gaussian moves of the four corners (pixels)."""
   b = digits.shape[0]
-  k_scale, k_noise = jax.random.split(key)
-  h, w = DIGIT_HW
-  corners = jnp.asarray([[0, 0], [w - 1, 0], [w - 1, h - 1], [0, h - 1]], jnp.float32)
-  centre = (jnp.asarray([w, h], jnp.float32) - 1) / 2
-  scale = jax.random.uniform(k_scale, (b, 1, 1), minval=scale_range[0], maxval=scale_range[1])
-  moved = centre + scale * (corners - centre) + corner_sigma * jax.random.normal(k_noise, (b, 4, 2))
-  src = coordinates.pixel_to_normalized(jnp.broadcast_to(corners, (b, 4, 2)), DIGIT_HW)
+  moved = projective_corners(key, b, corner_sigma, scale_range)
+  src = coordinates.pixel_to_normalized(jnp.broadcast_to(_digit_corners(), (b, 4, 2)), DIGIT_HW)
   dst = coordinates.pixel_to_normalized(moved, DIGIT_HW)
   grid = grids.projective_grid(_homography_from_points(src, dst), DIGIT_HW)
   return sampling.sample(digits, grid)
