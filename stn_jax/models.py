@@ -235,12 +235,12 @@ class ParallelSTClassifier(nnx.Module):
 
 
 class AdditionModel(nnx.Module):
-  """MNIST addition (appendix): 2 parallel transformers then an FCN, 19 classes.
+  """MNIST addition (appendix): ``num_transformers`` parallel transformers then an FCN, 19 classes.
 
   The input holds two independently distorted digits as two channels
   ``[B, 42, 42, 2]``. Each transformer's localisation net (a 3-layer FCN of 32
-  units) reads both channels and warps both; the two 2-channel outputs are
-  concatenated into 4 channels for an FCN classifier (256-256 hidden) over the
+  units) reads both channels and warps both; the 2-channel outputs are
+  concatenated (4 channels for the paper's two transformers) for an FCN classifier (256-256 hidden) over the
   sums 0..18. ``transform`` defaults to ``'affine'`` (the paper's figure shows TPS).
   """
 

@@ -120,8 +120,11 @@ def mnist_addition(config) -> Task:
 
   def make_model(rngs):
     if not config.transform:
+      if config.backbone == "cnn":
+        return models.MnistCNN(in_hw, 2, 19, rngs=rngs)
       return models.DenseStack(in_hw[0] * in_hw[1] * 2, (256, 256), 19, rngs=rngs)
-    return models.AdditionModel(in_hw, transform=config.transform, rngs=rngs)
+    return models.AdditionModel(in_hw, transform=config.transform,
+                                num_transformers=config.num_transformers, rngs=rngs)
 
   def train_batches(start_step):
     return datasets.stream(lambda step: addition_batch(
@@ -277,7 +280,8 @@ def colocalisation(config) -> Task:
                                   seed=config.seed)
 
   def make_model(rngs):
-    return coloc.CoLocaliser(encoder_weights(), rngs=rngs)
+    return coloc.CoLocaliser(encoder_weights(), initial_scale=config.initial_scale,
+                             inside_canvas=config.inside_canvas, rngs=rngs)
 
   def train_batches(start_step):
     by_class = coloc.class_index(train_labels)

@@ -8,7 +8,7 @@ from flax import nnx
 from jax.test_util import check_grads
 
 from stn_jax import colocalisation as co
-from stn_jax import datasets, warping
+from stn_jax import datasets, modules, warping
 
 
 def test_triplet_hinge_on_hand_made_embeddings():
@@ -159,6 +159,31 @@ def test_model_starts_centred_and_trains_only_the_localisation_net():
   grads = nnx.grad(total)(model)
   norms = [float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads)]
   assert all(np.isfinite(norms)) and sum(norms) > 0
+
+
+def test_box_inside_canvas_bounds_the_box_and_is_differentiable():
+  raw = jnp.asarray([[-30.0, 30.0, -30.0], [30.0, -5.0, 5.0], [0.0, 0.0, 0.0],
+                     [np.log(0.5), 0.3, -0.2]])
+  params = co.box_inside_canvas(raw)
+  boxes = np.asarray(co.box_from_attention(params))
+  assert np.all(boxes >= -1e-4) and np.all(boxes <= 84 + 1e-4)
+  np.testing.assert_allclose(np.asarray(params[2]), [0.5, 0.0, 0.0], atol=1e-7)
+  np.testing.assert_allclose(float(params[3, 0]), 1 / 3, rtol=1e-6)
+  assert float(params[1, 0]) <= 1.0 and np.all(np.isfinite(np.asarray(params)))
+  check_grads(co.box_inside_canvas, (raw[2:],), order=1, modes=["fwd", "rev"], eps=1e-3,
+              atol=1e-2, rtol=1e-2)
+  with pytest.raises(ValueError, match=r"raw must have shape .*\[B, 3\]"):
+    co.box_inside_canvas(jnp.zeros((2, 4)))
+  with pytest.raises(ValueError, match="needs an 'attention' localisation net"):
+    co.InsideCanvas(modules.LocalisationNet((28, 28), 1, transform="affine",
+                                            rngs=nnx.Rngs(0)))
+  weights = co.init_encoder(jax.random.key(0))
+  raw_model = co.CoLocaliser(weights, inside_canvas=False, rngs=nnx.Rngs(params=0, dropout=0))
+  x = jnp.zeros((2, 84, 84, 1))
+  np.testing.assert_allclose(np.asarray(raw_model(x)["params"]),
+                             np.broadcast_to([28 / 84, 0, 0], (2, 3)), atol=1e-6)
+  with pytest.raises(ValueError, match=r"initial_scale must be in \(0, 1\)"):
+    co.CoLocaliser(weights, initial_scale=1.5, rngs=nnx.Rngs(params=0, dropout=0))
 
 
 def test_localised_by_class():

@@ -415,7 +415,10 @@ def test_every_config_builds(family):
     ("distorted_mnist", "st_cnn_tps_e", (8, 28, 28, 1)),
     ("distorted_mnist", "st_fcn_projective_rts", (8, 42, 42, 1)),
     ("cluttered_mnist", "st_cnn_attention_cluttered", (8, 60, 60, 1)),
-    ("mnist_addition", "st_fcn_tps", (8, 42, 42, 2)),
+    ("mnist_addition", "st_fcn_tps_2x", (8, 42, 42, 2)),
+    ("mnist_addition", "st_fcn_affine", (8, 42, 42, 2)),
+    ("mnist_addition", "cnn", (8, 42, 42, 2)),
+    ("cluttered_mnist", "st_fcn_affine_cluttered", (8, 60, 60, 1)),
     ("sequences", "st_cnn_multi", (8, 64, 64, 1)),
 ])
 def test_tasks_make_batches_the_model_reads(family, name, shape):
