@@ -137,7 +137,7 @@ def pair_partners(x: jax.Array) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("canvas_hw", "num_clutter"))
 def make_canvases(key: jax.Array, digits: jax.Array, *, canvas_hw: Sequence[int] = CANVAS_HW,
-                  num_clutter: int = 0):
+                  num_clutter: int = 0, spread: float = 1.0):
   """Digits at random places on canvases, optionally cluttered.
 
   Args:
@@ -146,6 +146,9 @@ def make_canvases(key: jax.Array, digits: jax.Array, *, canvas_hw: Sequence[int]
     canvas_hw: canvas size (the paper: 84x84).
     num_clutter: number of random 6x6 crops of other digits of the batch
       added to each canvas (the paper's cluttered variant: 16).
+    spread: in ``[0, 1]``, the fraction of the possible offsets from the
+      centre that a digit may take: 1 (the paper) places it uniformly anywhere
+      on the canvas, 0 at the centre (for a curriculum, :func:`curriculum_spread`).
 
   Returns:
     ``(images [B, *canvas_hw, 1] float32 in [0, 1], boxes [B, 4])``: each
@@ -157,8 +160,11 @@ def make_canvases(key: jax.Array, digits: jax.Array, *, canvas_hw: Sequence[int]
   k_place, k_clutter = jax.random.split(key)
   digits = distortions.to_float(digits)
   ch, cw = canvas_hw
-  top_left = jax.random.randint(k_place, (digits.shape[0], 2), 0,
-                                jnp.asarray([cw - CROP_HW[1] + 1, ch - CROP_HW[0] + 1]))
+  free = jnp.asarray([cw - CROP_HW[1], ch - CROP_HW[0]], jnp.float32)  # largest top-left
+  half_range = jnp.clip(jnp.asarray(spread, jnp.float32), 0.0, 1.0) * free / 2
+  low = jnp.round(free / 2 - half_range).astype(jnp.int32)
+  high = jnp.round(free / 2 + half_range).astype(jnp.int32)
+  top_left = jax.random.randint(k_place, (digits.shape[0], 2), low, high + 1)
   canvas = jax.vmap(lambda d, xy: jax.lax.dynamic_update_slice(
       jnp.zeros((ch, cw, 1), d.dtype), d, (xy[1], xy[0], 0)))(digits, top_left)
   if num_clutter:
@@ -166,6 +172,19 @@ def make_canvases(key: jax.Array, digits: jax.Array, *, canvas_hw: Sequence[int]
   top_left = top_left.astype(jnp.float32)
   boxes = jnp.concatenate([top_left, top_left + jnp.asarray(CROP_HW[::-1], jnp.float32)], -1)
   return jnp.clip(canvas, 0.0, 1.0), boxes
+
+
+def curriculum_spread(step: int, *, steps: int, start: float) -> float:
+  """The placement spread (:func:`make_canvases`) at ``step`` of a curriculum.
+
+  Grows linearly from ``start`` at step 0 to 1 at ``steps``, then stays 1;
+  ``steps = 0`` means no curriculum (1 from the start).
+  """
+  if steps < 0 or not 0 <= start <= 1:
+    raise ValueError(f"curriculum steps must be >= 0 and start in [0, 1]; got {steps}, {start}.")
+  if steps == 0:
+    return 1.0
+  return float(min(1.0, start + (1.0 - start) * step / steps))
 
 
 def class_index(labels: np.ndarray) -> list[np.ndarray]:
@@ -176,7 +195,8 @@ def class_index(labels: np.ndarray) -> list[np.ndarray]:
 
 def pair_batch(images: np.ndarray, by_class: Sequence[np.ndarray], *, batch: int, seed: int,
                step: int, num_clutter: int = 0, digit_class: int = -1,
-               canvas_hw: Sequence[int] = CANVAS_HW, shard: slice = slice(None)):
+               canvas_hw: Sequence[int] = CANVAS_HW, shard: slice = slice(None),
+               spread: float = 1.0):
   """One global batch of same-class pairs, a pure function of ``(seed, step)``.
 
   Examples ``2k`` and ``2k + 1`` are two different digits of one class
@@ -198,7 +218,7 @@ def pair_batch(images: np.ndarray, by_class: Sequence[np.ndarray], *, batch: int
   index = np.stack([rng.choice(by_class[c], 2, replace=False) for c in classes]).reshape(-1)
   key = jax.random.fold_in(jax.random.key(seed), step)
   canvases, boxes = make_canvases(key, images[index], canvas_hw=tuple(canvas_hw),
-                                  num_clutter=num_clutter)
+                                  num_clutter=num_clutter, spread=spread)
   labels = {"boxes": np.asarray(boxes)[shard], "classes": np.repeat(classes, 2)[shard]}
   return np.asarray(canvases)[shard], labels
 
@@ -261,7 +281,7 @@ def pretrain_encoder(digits: np.ndarray, labels: np.ndarray, *, steps: int = ENC
 # --- The model ------------------------------------------------------------------------------
 
 
-def box_inside_canvas(raw: jax.Array) -> jax.Array:
+def box_inside_canvas(raw: jax.Array, fixed_scale: Optional[float] = None) -> jax.Array:
   """Attention parameters whose box lies inside the canvas: ``[B, 3] -> [B, 3]``.
 
   ``s = sigmoid(raw_s)`` in ``(0, 1)`` and ``(tx, ty) = (1 - s) tanh(raw_t)``,
@@ -276,6 +296,8 @@ def box_inside_canvas(raw: jax.Array) -> jax.Array:
   v.check_rank("raw", raw, 2, "[B, 3] (raw s, tx, ty)")
   v.check_axis("raw", raw, 1, 3, "[B, 3] (raw s, tx, ty)")
   s = jax.nn.sigmoid(raw[:, :1])
+  if fixed_scale is not None:   # Translation only: the box keeps the size it starts with.
+    s = jnp.full_like(s, fixed_scale)
   return jnp.concatenate([s, (1 - s) * jnp.tanh(raw[:, 1:])], -1)
 
 
@@ -288,16 +310,17 @@ class InsideCanvas(nnx.Module):
   ``control_shape``, ``in_hw``).
   """
 
-  def __init__(self, net: modules.LocalisationNet):
+  def __init__(self, net: modules.LocalisationNet, fixed_scale: Optional[float] = None):
     if net.transform != "attention":
       raise ValueError(f"InsideCanvas needs an 'attention' localisation net; got {net.transform!r}.")
     self.net = net
     self.transform = net.transform
     self.control_shape = net.control_shape
     self.in_hw = net.in_hw
+    self.fixed_scale = fixed_scale
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return box_inside_canvas(self.net(x))
+    return box_inside_canvas(self.net(x), self.fixed_scale)
 
 
 class FrozenWeight(nnx.Variable):
@@ -319,7 +342,7 @@ class CoLocaliser(nnx.Module):
 
   def __init__(self, encoder_weights: dict, *, canvas_hw: Sequence[int] = CANVAS_HW,
                initial_scale: Optional[float] = None, inside_canvas: bool = True,
-               rngs: nnx.Rngs):
+               learn_scale: bool = True, rngs: nnx.Rngs):
     self.canvas_hw = v.check_hw("canvas_hw", canvas_hw)
     loc = modules.LocalisationNet(self.canvas_hw, 1, transform="attention", downsample=4,
                                   conv=((8, 9, False),), hidden=(8, 8), rngs=rngs)
@@ -329,7 +352,7 @@ class CoLocaliser(nnx.Module):
         raise ValueError(f"initial_scale must be in (0, 1) with inside_canvas; got {scale}.")
       loc.regression.bias[...] = jnp.asarray([np.log(scale / (1 - scale)), 0.0, 0.0],
                                              jnp.float32)
-      loc = InsideCanvas(loc)
+      loc = InsideCanvas(loc, fixed_scale=None if learn_scale else scale)
     else:
       loc.regression.bias[...] = jnp.asarray([scale, 0.0, 0.0], jnp.float32)
     self.st = modules.SpatialTransformer(loc, out_hw=CROP_HW)

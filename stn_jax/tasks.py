@@ -281,13 +281,16 @@ def colocalisation(config) -> Task:
 
   def make_model(rngs):
     return coloc.CoLocaliser(encoder_weights(), initial_scale=config.initial_scale,
-                             inside_canvas=config.inside_canvas, rngs=rngs)
+                             inside_canvas=config.inside_canvas,
+                             learn_scale=config.learn_scale, rngs=rngs)
 
   def train_batches(start_step):
     by_class = coloc.class_index(train_labels)
-    return datasets.stream(lambda step: coloc.pair_batch(train_images, by_class,
-                                                 batch=config.batch_size, seed=config.seed,
-                                                 step=step, shard=shard, **pairs), start_step)
+    spread = functools.partial(coloc.curriculum_spread, steps=config.curriculum_steps,
+                               start=config.curriculum_start)
+    return datasets.stream(lambda step: coloc.pair_batch(
+        train_images, by_class, batch=config.batch_size, seed=config.seed, step=step,
+        shard=shard, spread=spread(step), **pairs), start_step)
 
   def test_set():
     return coloc.pair_batch(test_images, coloc.class_index(test_labels),

@@ -186,6 +186,26 @@ def test_box_inside_canvas_bounds_the_box_and_is_differentiable():
     co.CoLocaliser(weights, initial_scale=1.5, rngs=nnx.Rngs(params=0, dropout=0))
 
 
+def test_placement_spread_and_curriculum():
+  digits, _ = digits_and_labels(16)
+  key = jax.random.key(3)
+  _, centred = co.make_canvases(key, digits[:16], spread=0.0)
+  np.testing.assert_array_equal(np.asarray(centred), np.broadcast_to([28, 28, 56, 56], (16, 4)))
+  _, half = co.make_canvases(key, digits[:16], spread=0.5)
+  assert np.all(np.asarray(half)[:, :2] >= 14) and np.all(np.asarray(half)[:, :2] <= 42)
+  _, anywhere = co.make_canvases(key, digits[:16])
+  assert np.all(np.asarray(anywhere)[:, :2] >= 0) and np.all(np.asarray(anywhere)[:, :2] <= 56)
+  np.testing.assert_allclose([co.curriculum_spread(s, steps=100, start=0.2)
+                              for s in (0, 50, 100, 500)], [0.2, 0.6, 1.0, 1.0])
+  assert co.curriculum_spread(7, steps=0, start=0.0) == 1.0
+  with pytest.raises(ValueError, match="curriculum steps must be >= 0"):
+    co.curriculum_spread(0, steps=10, start=1.5)
+  fixed = co.box_inside_canvas(jnp.asarray([[5.0, 3.0, -3.0], [-5.0, 0.0, 0.0]]), 0.25)
+  np.testing.assert_allclose(np.asarray(fixed[:, 0]), 0.25)
+  boxes = np.asarray(co.box_from_attention(fixed))
+  assert np.all(boxes >= -1e-4) and np.all(boxes <= 84 + 1e-4)
+
+
 def test_localised_by_class():
   got = co.localised_by_class(np.array([1, 0, 1, 1, 0, 1]), np.array([3, 3, 5, 5, 5, 9]))
   assert got == {"3": 50.0, "5": 66.67, "9": 100.0, "all": 66.67}
