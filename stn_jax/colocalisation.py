@@ -312,7 +312,8 @@ class InsideCanvas(nnx.Module):
 
   def __init__(self, net: modules.LocalisationNet, fixed_scale: Optional[float] = None):
     if net.transform != "attention":
-      raise ValueError(f"InsideCanvas needs an 'attention' localisation net; got {net.transform!r}.")
+      raise ValueError("InsideCanvas needs an 'attention' localisation net; "
+                       f"got {net.transform!r}.")
     self.net = net
     self.transform = net.transform
     self.control_shape = net.control_shape
@@ -347,6 +348,8 @@ class CoLocaliser(nnx.Module):
     loc = modules.LocalisationNet(self.canvas_hw, 1, transform="attention", downsample=4,
                                   conv=((8, 9, False),), hidden=(8, 8), rngs=rngs)
     scale = CROP_HW[0] / self.canvas_hw[0] if initial_scale is None else initial_scale
+    if not (inside_canvas or learn_scale):
+      raise ValueError("learn_scale=False (a fixed box size) needs inside_canvas=True.")
     if inside_canvas:
       if not 0 < scale < 1:
         raise ValueError(f"initial_scale must be in (0, 1) with inside_canvas; got {scale}.")

@@ -240,8 +240,8 @@ class AdditionModel(nnx.Module):
   The input holds two independently distorted digits as two channels
   ``[B, 42, 42, 2]``. Each transformer's localisation net (a 3-layer FCN of 32
   units) reads both channels and warps both; the 2-channel outputs are
-  concatenated (4 channels for the paper's two transformers) for an FCN classifier (256-256 hidden) over the
-  sums 0..18. ``transform`` defaults to ``'affine'`` (the paper's figure shows TPS).
+  concatenated (4 channels for the paper's two transformers) for an FCN
+  classifier (256-256 hidden) over the sums 0..18. ``transform`` defaults to ``'affine'`` (the paper's figure shows TPS).
   """
 
   def __init__(self, in_hw: Sequence[int] = (42, 42), *, transform: str = "affine",

@@ -182,6 +182,9 @@ def test_box_inside_canvas_bounds_the_box_and_is_differentiable():
   x = jnp.zeros((2, 84, 84, 1))
   np.testing.assert_allclose(np.asarray(raw_model(x)["params"]),
                              np.broadcast_to([28 / 84, 0, 0], (2, 3)), atol=1e-6)
+  with pytest.raises(ValueError, match="learn_scale=False .* needs inside_canvas=True"):
+    co.CoLocaliser(weights, inside_canvas=False, learn_scale=False,
+                   rngs=nnx.Rngs(params=0, dropout=0))
   with pytest.raises(ValueError, match=r"initial_scale must be in \(0, 1\)"):
     co.CoLocaliser(weights, initial_scale=1.5, rngs=nnx.Rngs(params=0, dropout=0))
 
