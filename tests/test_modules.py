@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.test_util import check_grads
 from flax import nnx
 
 import stn_jax
@@ -245,3 +246,15 @@ def test_max_pool_2x2_equals_flax_max_pool():
   g = jax.grad(lambda x: (max_pool_2x2(x) ** 2).sum())(x)
   g_ref = jax.grad(lambda x: (nnx.max_pool(x, (2, 2), (2, 2)) ** 2).sum())(x)
   np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), atol=1e-6)
+  check_grads(max_pool_2x2, (x,), order=1, modes=("fwd", "rev"), eps=1e-3)
+
+
+def test_max_pool_2x2_ties_share_the_gradient():
+  from stn_jax.modules import max_pool_2x2
+  # One window: a 4-way tie (after a ReLU: all zero), a 2-way tie, no tie.
+  x = jnp.array([[0.0, 0.0, 2.0, 1.0, 3.0, 1.0],
+                 [0.0, 0.0, 2.0, 0.5, 0.2, 0.1]])[None, :, :, None]
+  g = np.asarray(jax.grad(lambda x: max_pool_2x2(x).sum())(x))[0, :, :, 0]
+  np.testing.assert_allclose(g[:, :2], 0.25)                         # shares sum to one
+  np.testing.assert_allclose(g[:, 2:4], [[0.5, 0.0], [0.5, 0.0]])
+  np.testing.assert_allclose(g[:, 4:], [[1.0, 0.0], [0.0, 0.0]])

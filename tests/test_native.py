@@ -106,6 +106,61 @@ def test_everything_works_without_the_kernel():
   assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
+@pytest.mark.parametrize("channels", [1, 3, 5])
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_forward_never_reads_pixels_outside_a_points_footprint(channels, align_corners):
+  # The vectorised forward reads out-of-image taps at a clamped address and then
+  # discards them: a non-finite pixel there must not leak into any output.
+  h, w = 6, 7
+  images = np.random.default_rng(1).standard_normal((2, h, w, channels)).astype(np.float32)
+  images[:, 0, 0] = np.inf                      # the corner every clamped tap would read
+  images[:, h - 1, w - 1] = np.nan
+  px = np.array([-1.9, -1.5, -1.0, -0.5, 0.5, 3.2, w - 1.5, w - 1.0, w - 0.5, w + 0.9, w + 1.5])
+  xs, ys = np.meshgrid(px, px * h / w, indexing="xy")
+  grid = np.stack([coordinates.from_pixel(xs, w, align_corners),
+                   coordinates.from_pixel(ys, h, align_corners)], -1)
+  grid = np.broadcast_to(grid, (2,) + grid.shape).astype(np.float32).copy()
+  grid[1, 0, :, 1] = np.nan                     # one axis NaN, the other in range
+  grid[1, 1, :, 0] = -np.inf
+  def sample(images, implementation):
+    return np.asarray(sampling.sample(jnp.asarray(images), jnp.asarray(grid),
+                                      align_corners=align_corners, implementation=implementation))
+  # With finite pixels, the kernel equals the pure-JAX sampler at every such point. (That
+  # sampler weights a clamped tap by 0, so a non-finite pixel reaches a point whose clamped
+  # taps read it; the kernel, like PyTorch's grid_sample, only reads in-image taps.)
+  finite = np.nan_to_num(images, nan=2.0, posinf=3.0)
+  np.testing.assert_allclose(sample(finite, "native"), sample(finite, "xla"), rtol=1e-6,
+                             atol=1e-6)
+  native = sample(images, "native")
+  # Points whose footprint holds neither bad pixel are finite, and equal the finite case.
+  touches = lambda x0, y0, x1, y1: (np.floor(xs) <= x1) & (np.floor(xs) + 1 >= x0) & (
+      np.floor(ys) <= y1) & (np.floor(ys) + 1 >= y0)
+  clean = ~touches(0, 0, 0, 0) & ~touches(w - 1, h - 1, w - 1, h - 1)
+  np.testing.assert_array_equal(native[0][clean], sample(finite, "native")[0][clean])
+  assert np.isfinite(native[0][clean]).all() and not np.isfinite(native[0][~clean]).all()
+  assert np.isfinite(native[1, :2]).all() and not native[1, :2].any()
+
+
+def test_a_compiler_without_march_native_gets_the_portable_build(tmp_path):
+  wrapper = tmp_path / "cxx"
+  wrapper.write_text("#!/bin/sh\n"
+                     "for a in \"$@\"; do [ \"$a\" = -march=native ] && "
+                     "{ echo 'unsupported -march=native' >&2; exit 1; }; done\n"
+                     f"exec {_native._compiler()} \"$@\"\n")
+  wrapper.chmod(0o755)
+  code = ("import jax.numpy as jnp, numpy as np, os\n"
+          "from stn_jax import _native, sampling\n"
+          "assert _native.available()\n"
+          "out = sampling.sample(jnp.ones((1, 4, 4, 3)), jnp.zeros((1, 2, 2, 2)))\n"
+          "assert np.allclose(out, 1.0)\n"
+          "print(len([f for f in os.listdir(os.environ['STN_JAX_CACHE']) if f.endswith('.so')]))\n")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=dict(os.environ, CXX=str(wrapper), STN_JAX_CACHE=str(tmp_path / "c"),
+                                   JAX_PLATFORMS="cpu"), timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.strip() == "1"   # only the portable library was built
+
+
 # --- The pixel-centre rule (issue 13): the kernel against the pure-JAX sampler ------------
 
 

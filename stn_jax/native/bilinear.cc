@@ -36,6 +36,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <type_traits>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -75,10 +76,11 @@ void RunChunks(ParallelState& s) {
 template <typename F>
 void ParallelFor(ffi::ThreadPool& pool, int64_t count, int64_t work_per_item, F&& body) {
   const int64_t threads = std::max<int64_t>(0, pool.num_threads());
-  const int64_t by_work = std::max<int64_t>(1, count * work_per_item / (1 << 15));
+  const int64_t by_work = std::max<int64_t>(1, count * work_per_item / (1 << 13));
   // A few chunks per thread, so that the threads that are free take over the
-  // share of those that are busy with other work.
-  const int64_t chunks = std::min({count, threads + 1, by_work});
+  // share of those that are busy with other work (with one chunk per thread, a
+  // pool of n threads plus the caller on n cores finishes in two rounds).
+  const int64_t chunks = std::min({count, 4 * (threads + 1), by_work});
   if (chunks <= 1 || threads == 0) {
     for (int64_t i = 0; i < count; ++i) body(i);
     return;
@@ -252,6 +254,62 @@ void ForwardImage(const float* img, const float* pts, float* out, float* jac, co
   }
 }
 
+// One image of the forward pass, values only: the hot loop of inference and of
+// every training step, written without branches so that the compiler can
+// vectorise it over points (gathers where the target has them; kC > 0 fixes
+// the channel count, 0 reads it from d). Out-of-image taps are read at a
+// clamped, valid address and then replaced by 0 (a select, not a product with
+// a zero weight, so non-finite pixels outside a point's footprint never leak
+// in); an axis whose coordinate cannot read the image (or is NaN) is moved to
+// pixel -3, whose taps are all outside. The arithmetic is that of
+// ForwardImage (same operations in the same order). Index is the type of
+// element offsets within one image: int32_t where they fit (faster gathers),
+// else int64_t.
+template <int kC, bool kAlignCorners, typename Index>
+void SampleImage(const float* __restrict img, const float* __restrict pts, float* __restrict out,
+                 const Dims d) {
+  constexpr bool align_corners = kAlignCorners;
+  const Index c = kC > 0 ? kC : static_cast<Index>(d.c);
+  const Index h = static_cast<Index>(d.h), w = static_cast<Index>(d.w);
+  const int64_t points = d.ho * d.wo;
+  const float fh = static_cast<float>(h), fw = static_cast<float>(w);
+  for (int64_t i = 0; i < points; ++i) {
+    float ux = ToPixel(pts[2 * i], w, align_corners);
+    float uy = ToPixel(pts[2 * i + 1], h, align_corners);
+    // Per axis is enough: an axis at -3 puts all four taps outside. (NaN fails both tests.)
+    ux = (ux > -2.f) & (ux < fw + 1.f) ? ux : -3.f;
+    uy = (uy > -2.f) & (uy < fh + 1.f) ? uy : -3.f;
+    Index x0 = static_cast<Index>(ux);
+    x0 -= static_cast<float>(x0) > ux;
+    Index y0 = static_cast<Index>(uy);
+    y0 -= static_cast<float>(y0) > uy;
+    const float tx = ux - static_cast<float>(x0), ty = uy - static_cast<float>(y0);
+    const Index x1 = x0 + 1, y1 = y0 + 1;
+    using Unsigned = std::make_unsigned_t<Index>;  // one comparison for 0 <= i < n
+    const bool in_x0 = static_cast<Unsigned>(x0) < static_cast<Unsigned>(w);
+    const bool in_x1 = static_cast<Unsigned>(x1) < static_cast<Unsigned>(w);
+    const bool in_y0 = static_cast<Unsigned>(y0) < static_cast<Unsigned>(h);
+    const bool in_y1 = static_cast<Unsigned>(y1) < static_cast<Unsigned>(h);
+    const Index zero = 0;
+    const Index cx0 = std::min(std::max(x0, zero), w - 1), cx1 = std::min(std::max(x1, zero), w - 1);
+    const Index cy0 = std::min(std::max(y0, zero), h - 1), cy1 = std::min(std::max(y1, zero), h - 1);
+    const Index q00 = (cy0 * w + cx0) * c, q01 = (cy0 * w + cx1) * c;
+    const Index q10 = (cy1 * w + cx0) * c, q11 = (cy1 * w + cx1) * c;
+    const float wx0 = 1.f - tx, wx1 = tx, wy0 = 1.f - ty, wy1 = ty;
+    const bool m00 = in_y0 & in_x0, m01 = in_y0 & in_x1, m10 = in_y1 & in_x0, m11 = in_y1 & in_x1;
+    // Unrolled for a fixed channel count, so that the point loop vectorises.
+#pragma GCC unroll 4
+    for (Index ch = 0; ch < c; ++ch) {
+      float v00 = img[q00 + ch], v01 = img[q01 + ch], v10 = img[q10 + ch], v11 = img[q11 + ch];
+      v00 = m00 ? v00 : 0.f;
+      v01 = m01 ? v01 : 0.f;
+      v10 = m10 ? v10 : 0.f;
+      v11 = m11 ? v11 : 0.f;
+      out[c * i + ch] = wy0 * (wx0 * v00 + wx1 * v01) + wy1 * (wx0 * v10 + wx1 * v11);
+    }
+  }
+}
+
 // The grid gradient (per pixel) of a point at a pixel centre along x and/or y:
 // sum over channels of up[ch] times the derivative. Rare, so out of line.
 __attribute__((noinline, cold)) void CentreGradient(const Image& im, const Point& p,
@@ -314,6 +372,22 @@ void BackwardImage(const float* img, const float* pts, const float* cot, float* 
   }
 }
 
+using SampleFn = void (*)(const float*, const float*, float*, const Dims);
+
+// The SampleImage instance for d: fixed channel counts 1 and 3, 32-bit offsets
+// where one image's elements fit.
+template <bool kAlignCorners>
+SampleFn Sampler(const Dims& d) {
+  if (d.h * d.w * d.c < (int64_t{1} << 31)) {
+    return d.c == 1   ? SampleImage<1, kAlignCorners, int32_t>
+           : d.c == 3 ? SampleImage<3, kAlignCorners, int32_t>
+                      : SampleImage<0, kAlignCorners, int32_t>;
+  }
+  return d.c == 1   ? SampleImage<1, kAlignCorners, int64_t>
+         : d.c == 3 ? SampleImage<3, kAlignCorners, int64_t>
+                    : SampleImage<0, kAlignCorners, int64_t>;
+}
+
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> images,
                    ffi::Buffer<ffi::F32> grid, ffi::ResultBuffer<ffi::F32> out,
                    bool align_corners) {
@@ -322,12 +396,9 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> images,
   const float* im = images.typed_data();
   const float* g = grid.typed_data();
   float* o = out->typed_data();
-  auto run = d.c == 1   ? ForwardImage<1, false>
-             : d.c == 3 ? ForwardImage<3, false>
-                        : ForwardImage<0, false>;
+  auto run = align_corners ? Sampler<true>(d) : Sampler<false>(d);
   ParallelFor(pool, d.n, d.ho * d.wo * d.c + 1, [&](int64_t b) {
-    run(im + b * d.h * d.w * d.c, g + b * d.ho * d.wo * 2, o + b * d.ho * d.wo * d.c, nullptr,
-        d, align_corners, 0.f);
+    run(im + b * d.h * d.w * d.c, g + b * d.ho * d.wo * 2, o + b * d.ho * d.wo * d.c, d);
   });
   return ffi::Error::Success();
 }
