@@ -74,19 +74,24 @@ def torch_st_cnn(in_hw, post_pool: int, transform: str):
   return Net()
 
 
-def measure(config_name: str, batch: int, repeats: int) -> tuple[dict[str, float], int]:
-  """``({'stn_jax': ms, 'torch': ms}, parameter count)``: median step times at ``batch``."""
-  import torch
-
+def batch_and_config(config_name: str, batch: int):
+  """``(config, images [B, H, W, 1], labels [B])``: a distorted random batch for the benchmark."""
   config = distorted_mnist.get_config(config_name)
   config.batch_size = batch
-  in_hw = distortions.OUTPUT_HW[config.variant]
   rng = np.random.default_rng(0)
   digits = rng.integers(0, 256, (batch, 28, 28, 1), dtype=np.uint8)
   images = np.asarray(distortions.distort(jax.random.key(0), digits, config.variant))
   labels = rng.integers(0, 10, batch).astype(np.int32)
+  return config, images, labels
 
-  # stn_jax: the trainer's step (pmap over the one local CPU device, state donated).
+
+def jax_train_step(config, images, labels):
+  """``(run, compiled_text, parameter count)``: the loop's pmap-ed step on this batch.
+
+  ``run()`` takes one step (state donated and kept) and waits for it;
+  ``compiled_text()`` is the optimised HLO of the step.
+  """
+  config = config.copy_and_resolve_references()
   config.data = "synthetic"
   task = tasks.build_task(config)
   _, optimizer = optim.make_schedule_and_optimizer(config)
@@ -96,9 +101,24 @@ def measure(config_name: str, batch: int, repeats: int) -> tuple[dict[str, float
   x, y = steps.shard_batch((images, labels))
   key = jax.random.key(0)
 
-  def jax_step():
+  def run():
     box["state"], metrics = step(box["state"], x, y, key)
     jax.block_until_ready(metrics)
+
+  def compiled_text():
+    return step.lower(box["state"], x, y, key).compile().as_text()
+
+  return run, compiled_text, sum(p.size for p in jax.tree.leaves(state.params))
+
+
+def measure(config_name: str, batch: int, repeats: int) -> tuple[dict[str, float], int]:
+  """``({'stn_jax': ms, 'torch': ms}, parameter count)``: median step times at ``batch``."""
+  import torch
+
+  config, images, labels = batch_and_config(config_name, batch)
+  in_hw = distortions.OUTPUT_HW[config.variant]
+  # stn_jax: the trainer's step (pmap over the one local CPU device, state donated).
+  jax_step, _, count_jax = jax_train_step(config, images, labels)
 
   net = torch_st_cnn(in_hw, config.post_pool, config.transform)
   opt = torch.optim.SGD(net.parameters(), lr=config.optimizer.learning_rate,
@@ -112,7 +132,6 @@ def measure(config_name: str, batch: int, repeats: int) -> tuple[dict[str, float
     loss.backward()
     opt.step()
 
-  count_jax = sum(p.size for p in jax.tree.leaves(state.params))
   count_torch = sum(p.numel() for p in net.parameters())
   if count_jax != count_torch:
     raise SystemExit(f"models differ: {count_jax} parameters in stn_jax, {count_torch} in torch")
