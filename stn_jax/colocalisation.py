@@ -339,12 +339,18 @@ class CoLocaliser(nnx.Module):
   from a fixed key in evaluation mode). ``inside_canvas`` (default) bounds
   the box with :func:`box_inside_canvas`; ``False`` gives the raw attention
   parameters (the first runs, which zoomed out instead of localising).
+  ``normalize_embeddings`` scales every embedding to unit length, so that the
+  hinge's margin (1) is on the scale of the distances (squared distances in
+  ``[0, 4]``) instead of the raw encoder's hundreds, where a margin of 1 is
+  met by almost any pair of crops and leaves no gradient.
   """
 
   def __init__(self, encoder_weights: dict, *, canvas_hw: Sequence[int] = CANVAS_HW,
                initial_scale: Optional[float] = None, inside_canvas: bool = True,
-               learn_scale: bool = True, rngs: nnx.Rngs):
+               learn_scale: bool = True, normalize_embeddings: bool = False,
+               rngs: nnx.Rngs):
     self.canvas_hw = v.check_hw("canvas_hw", canvas_hw)
+    self.normalize_embeddings = bool(normalize_embeddings)
     loc = modules.LocalisationNet(self.canvas_hw, 1, transform="attention", downsample=4,
                                   conv=((8, 9, False),), hidden=(8, 8), rngs=rngs)
     scale = CROP_HW[0] / self.canvas_hw[0] if initial_scale is None else initial_scale
@@ -368,8 +374,12 @@ class CoLocaliser(nnx.Module):
     self.deterministic = False
 
   def embed(self, crops: jax.Array) -> jax.Array:
-    """Embeddings ``[B, F]`` of crops ``[B, 28, 28, 1]`` by the frozen encoder."""
-    return encode({k: getattr(self, f"encoder_{k}")[...] for k in self.encoder_names}, crops)
+    """Embeddings ``[B, F]`` of crops ``[B, 28, 28, 1]`` by the frozen encoder (unit length
+    with ``normalize_embeddings``; an all-zero embedding stays zero)."""
+    e = encode({k: getattr(self, f"encoder_{k}")[...] for k in self.encoder_names}, crops)
+    if self.normalize_embeddings:
+      e = e * jax.lax.rsqrt(jnp.maximum(jnp.sum(e * e, axis=-1, keepdims=True), 1e-12))
+    return e
 
   def __call__(self, x: jax.Array) -> dict:
     crops, params = self.st(x)

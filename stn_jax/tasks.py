@@ -282,7 +282,8 @@ def colocalisation(config) -> Task:
   def make_model(rngs):
     return coloc.CoLocaliser(encoder_weights(), initial_scale=config.initial_scale,
                              inside_canvas=config.inside_canvas,
-                             learn_scale=config.learn_scale, rngs=rngs)
+                             learn_scale=config.learn_scale,
+                             normalize_embeddings=config.normalize_embeddings, rngs=rngs)
 
   def train_batches(start_step):
     by_class = coloc.class_index(train_labels)

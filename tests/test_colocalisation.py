@@ -161,6 +161,31 @@ def test_model_starts_centred_and_trains_only_the_localisation_net():
   assert all(np.isfinite(norms)) and sum(norms) > 0
 
 
+def test_normalized_embeddings_are_unit_length_with_finite_gradients():
+  digits, labels = digits_and_labels(64)
+  weights = co.init_encoder(jax.random.key(0))
+  model = co.CoLocaliser(weights, normalize_embeddings=True, rngs=nnx.Rngs(params=0, dropout=0))
+  raw = co.CoLocaliser(weights, rngs=nnx.Rngs(params=0, dropout=0))
+  x, y = co.pair_batch(digits, co.class_index(labels), batch=4, seed=0, step=0)
+  out, out_raw = model(jnp.asarray(x)), raw(jnp.asarray(x))
+  for name in ("embedding", "random_embedding"):
+    # Unit length, except where the encoder gives exactly zero (a blank crop): zero stays zero.
+    length = np.linalg.norm(np.asarray(out_raw[name]), axis=-1, keepdims=True)
+    assert (length > 0).any()
+    unit = np.asarray(out_raw[name]) / np.where(length > 0, length, 1.0)
+    np.testing.assert_allclose(np.asarray(out[name]), unit, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(out[name]), axis=-1),
+                               (length[:, 0] > 0).astype(np.float32), rtol=1e-5)
+  # A crop the encoder maps to zero stays zero (no 0/0).
+  zero_weights = {k: jnp.zeros_like(w) for k, w in weights.items()}
+  blank = co.CoLocaliser(zero_weights, normalize_embeddings=True,
+                         rngs=nnx.Rngs(params=0, dropout=0))
+  assert not np.asarray(blank(jnp.asarray(x))["embedding"]).any()
+  grads = nnx.grad(lambda m: co.colocalisation_terms(m(jnp.asarray(x)), y)[0].sum())(model)
+  norms = [float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads)]
+  assert all(np.isfinite(norms)) and sum(norms) > 0
+
+
 def test_box_inside_canvas_bounds_the_box_and_is_differentiable():
   raw = jnp.asarray([[-30.0, 30.0, -30.0], [30.0, -5.0, 5.0], [0.0, 0.0, 0.0],
                      [np.log(0.5), 0.3, -0.2]])

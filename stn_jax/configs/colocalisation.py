@@ -36,6 +36,7 @@ def get_config(name: str = "translated"):
   c.curriculum_start = 0.0     # the starting spread (colocalisation.curriculum_spread)
   c.learn_scale = True         # False: translation only (the box keeps initial_scale)
   c.inside_canvas = True       # bound the box to the canvas (colocalisation.box_inside_canvas)
+  c.normalize_embeddings = False  # unit-length embeddings: the margin on the distances' scale
   c.encoder_steps = 500        # MNIST classification steps of the frozen encoder
   c.test_examples = 2000
   c.batch_size = 64
