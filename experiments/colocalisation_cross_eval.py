@@ -42,7 +42,8 @@ def main(argv=None):
     boxes = predict_boxes(model, images)
     overlap = np.asarray(coloc.iou(jnp.asarray(boxes), jnp.asarray(labels["boxes"])))
     offset = (boxes[:, :2] - np.asarray(labels["boxes"])[:, :2]).mean(0)
-    report[variant] = {"localised_percent": round(100 * float((overlap > coloc.IOU_THRESHOLD).mean()), 2),
+    localised = 100 * float((overlap > coloc.IOU_THRESHOLD).mean())
+    report[variant] = {"localised_percent": round(localised, 2),
                        "mean_iou": round(float(overlap.mean()), 4),
                        "mean_offset_xy_px": [round(float(o), 2) for o in offset],
                        "test_examples": len(images)}

@@ -70,9 +70,9 @@ def _compiler() -> str | None:
 
 
 # -O3 for the loops; -fno-trapping-math lets the compiler vectorise the comparisons (it
-# changes no result, only floating-point exception flags, which nothing reads); -ffp-contract=off
-# keeps a * b + c two roundings (as the pure-JAX
-# reference and the tests assume) where the target has fused multiply-adds.
+# changes no result, only floating-point exception flags, which nothing reads);
+# -ffp-contract=off keeps a * b + c two roundings (as the pure-JAX reference and the tests
+# assume) where the target has fused multiply-adds.
 _FLAGS = ("-O3", "-ffp-contract=off", "-fno-trapping-math", "-std=c++17", "-fPIC", "-shared", "-w")
 # Tried first: this CPU's vector instructions (AVX2/AVX-512 gathers vectorise the forward
 # loop); the portable build is the fallback where the compiler does not take the flag.
@@ -99,15 +99,19 @@ def _build(compiler: str) -> str:
   version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
   cache = os.environ.get("STN_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
                                                           "stn_jax")
-  errors = []
+  builds = []   # (flags, cached library): this CPU's build first, then the portable one
   for extra in (_HOST_FLAGS, ()):
     key = source + jax.__version__.encode() + version.encode() + " ".join(_FLAGS + extra).encode()
     if extra:
       key += _host_cpu()
-    library = os.path.join(cache, f"libstn_bilinear_{hashlib.sha256(key).hexdigest()[:16]}.so")
+    builds.append((extra, os.path.join(
+        cache, f"libstn_bilinear_{hashlib.sha256(key).hexdigest()[:16]}.so")))
+  for _, library in builds:   # a cached build of either kind: no compiler run at all
     if os.path.exists(library):
       return library
-    os.makedirs(cache, exist_ok=True)
+  os.makedirs(cache, exist_ok=True)
+  errors = []
+  for extra, library in builds:
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
       partial = os.path.join(tmp, "lib.so")
       command = [compiler, *_FLAGS, *extra, "-I", jax.ffi.include_dir(), SOURCE, "-o", partial,

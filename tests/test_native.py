@@ -143,7 +143,9 @@ def test_forward_never_reads_pixels_outside_a_points_footprint(channels, align_c
 
 def test_a_compiler_without_march_native_gets_the_portable_build(tmp_path):
   wrapper = tmp_path / "cxx"
+  calls = tmp_path / "calls"
   wrapper.write_text("#!/bin/sh\n"
+                     f"echo \"$*\" >> {calls}\n"
                      "for a in \"$@\"; do [ \"$a\" = -march=native ] && "
                      "{ echo 'unsupported -march=native' >&2; exit 1; }; done\n"
                      f"exec {_native._compiler()} \"$@\"\n")
@@ -159,6 +161,14 @@ def test_a_compiler_without_march_native_gets_the_portable_build(tmp_path):
                                    JAX_PLATFORMS="cpu"), timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.strip() == "1"   # only the portable library was built
+  # A second start finds the cached portable build and compiles nothing (only --version).
+  builds = lambda: [line for line in calls.read_text().splitlines() if "-o" in line.split()]
+  before = len(builds())
+  again = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=dict(os.environ, CXX=str(wrapper), STN_JAX_CACHE=str(tmp_path / "c"),
+                                  JAX_PLATFORMS="cpu"), timeout=300)
+  assert again.returncode == 0 and again.stdout.strip() == "1", again.stderr[-2000:]
+  assert len(builds()) == before == 2
 
 
 # --- The pixel-centre rule (issue 13): the kernel against the pure-JAX sampler ------------

@@ -25,7 +25,7 @@ import tempfile
 
 import jax
 
-from experiments.benchmarks.sampler import environment_line
+from experiments.benchmarks.sampler import environment_line, write_report
 from experiments.benchmarks.train_step import batch_and_config, jax_train_step
 from stn_jax import host_memory
 from stn_jax.configs import distorted_mnist
@@ -113,10 +113,7 @@ def main(argv=None):
       "so their time is missing. Top ops:", "",
       "| ms / step | % | op | result | runs in | from (JAX) |", "|---|---|---|---|---|---|",
       *rows])
-  print(table)
-  if args.out:
-    with open(args.out, "w") as f:
-      f.write(table + "\n")
+  write_report(table, args.out)
 
 
 if __name__ == "__main__":

@@ -199,6 +199,14 @@ def environment_line() -> str:
           f"host memory reuse (stn_jax.host_memory) {'on' if host_memory.is_applied() else 'off'}")
 
 
+def write_report(table: str, out: str | None) -> None:
+  """Prints a benchmark's markdown report and, with ``out``, writes it there too."""
+  print(table)
+  if out:
+    with open(out, "w") as f:
+      f.write(table + "\n")
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
@@ -227,10 +235,8 @@ def main(argv=None):
       print(rows[-1], flush=True)
     notes.append(f"- {name}: {memory_report(shape)}")
   table = "\n".join([environment_line(), "", *rows, "", *notes])
-  print("\n" + table)
-  if args.out:
-    with open(args.out, "w") as f:
-      f.write(table + "\n")
+  print()
+  write_report(table, args.out)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from experiments.benchmarks.sampler import environment_line, time_interleaved  # noqa: E402
+from experiments.benchmarks.sampler import (environment_line, time_interleaved,  # noqa: E402
+                                            write_report)
 from stn_jax.configs import distorted_mnist  # noqa: E402
 from stn_jax import distortions, host_memory, optim, steps, tasks  # noqa: E402
 
@@ -162,10 +163,7 @@ def main(argv=None):
                      f"medians of {args.repeats} interleaved steps per batch size:", "",
                      "| batch | system | ms / step | images / s | time / torch |",
                      "|---|---|---|---|---|"] + rows)
-  print(table)
-  if args.out:
-    with open(args.out, "w") as f:
-      f.write(table + "\n")
+  write_report(table, args.out)
 
 
 if __name__ == "__main__":
