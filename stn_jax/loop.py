@@ -238,6 +238,11 @@ def train_and_evaluate(config, task: Task, workdir: str, *,
   ``state`` (the final :class:`~stn_jax.steps.TrainState` on the host) and
   ``model`` (the trained ``nnx`` model in evaluation mode, ready to call).
 
+  ``config.init_from`` (a work directory) starts a new run from another
+  run's newest checkpoint: its model's weights and state, at step 0 with a
+  fresh optimiser (e.g. a transformer trained on easier data); a run that
+  resumes from its own checkpoints ignores it.
+
   Running again with more ``steps`` in the same work directory trains on
   from the newest checkpoint; settings that change what the checkpoints
   mean are refused (:class:`stn_jax.workdir.ConfigMismatchError`).
@@ -304,6 +309,9 @@ class _Run:
                        f"{self.start_step}, beyond steps={config.steps}; ask for at least "
                        f"{self.start_step} steps, or use a new work directory.")
     state = self.initial if restored is None else restored
+    source = config.get("init_from") or ""
+    if restored is None and source:
+      state, source_step = self.initialised_from(source)
     if self.primary:
       workdir_files.write_config(self.workdir, self.config_dict)
     self.writer = workdir_files.MetricWriter(self.workdir, enabled=self.primary,
@@ -315,6 +323,9 @@ class _Run:
         f"{config.steps}; {jax.process_count()} process(es) x {jax.local_device_count()} "
         f"{jax.devices()[0].device_kind} device(s); global batch {config.batch_size}; "
         f"{sum(x.size for x in jax.tree.leaves(state.params)):,} parameters")
+    if restored is None and source:
+      self.progress.log(f"the model starts from {source} (its checkpoint of step "
+                        f"{source_step}); the optimiser starts afresh")
     self.eval_step = steps.pmap_eval_step(self.eval_graph, evaluation=self.task.evaluation)
     self.test_images, self.test_labels = self.task.test_set()
     self.writer.write_text("config", "```\n" + json.dumps(self.config_dict, indent=2,
@@ -326,6 +337,47 @@ class _Run:
       self.progress.close()
       self.writer.close()
       self.checkpoints.close()
+
+  def initialised_from(self, source: str) -> tuple[steps.TrainState, int]:
+    """Step 0 of this run with the model of ``source``'s newest verified checkpoint.
+
+    The trainable parameters and the model's other state (e.g. a frozen
+    encoder) come from ``source``, a work directory of a run of the same
+    model and optimiser; the step is 0 and the optimiser state is fresh.
+    Returns ``(state, source_step)``. Raises ``ValueError`` when ``source`` is
+    this run's own directory, holds no checkpoint, or holds another model.
+    """
+    if workdir_files.resolve(source) == workdir_files.resolve(self.workdir):
+      raise ValueError(f"config.init_from names this run's own work directory {source}; "
+                       "a run resumes from its own checkpoints without it.")
+    if not (workdir_files.resolve(source) / "checkpoints").exists():
+      raise ValueError(f"config.init_from: {source} holds no checkpoints directory.")
+    found = checkpoints_lib.Checkpoints(source, keep=None)
+    try:
+      restored, step = found.restore_newest_intact(self.initial)
+    except checkpoints_lib.CheckpointError as error:
+      raise ValueError(f"config.init_from: {error}") from None
+    except Exception as error:  # orbax raises many types for a tree of another shape
+      raise ValueError(
+          f"config.init_from: {source}'s checkpoint does not fit this run's model and "
+          f"optimiser ({type(error).__name__}: {' '.join(str(error).split())[:300]}); it "
+          "must be a run of the same model and optimiser.") from None
+    finally:
+      found.close()
+    if restored is None:
+      raise ValueError(f"config.init_from: {source} holds no checkpoint.")
+    shapes = lambda tree: [(jax.tree_util.keystr(k), np.shape(x), np.result_type(x))  # noqa: E731
+                           for k, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    there, here = shapes(restored.params), shapes(self.initial.params)
+    differ = [f"parameter {a[0]} has shape {a[1]} {a[2]} there, {b[1]} {b[2]} here"
+              for a, b in zip(there, here) if a != b]
+    if len(there) != len(here):
+      differ.insert(0, f"{len(there)} parameter arrays there, {len(here)} here")
+    if differ:
+      raise ValueError(f"config.init_from: {source}'s checkpoint does not fit this run's "
+                       f"model: {differ[0]}; it must be a run of the same model and optimiser.")
+    start = self.initial._replace(params=restored.params, rest=restored.rest)
+    return start, step
 
   def evaluate(self, replicated, step: int) -> dict:
     t0 = time.time()

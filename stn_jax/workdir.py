@@ -49,6 +49,8 @@ fsspec.config.conf.setdefault("gcs", {}).setdefault("use_listings_cache", False)
 # task, data, seed, batch, optimiser) and is refused.
 RESUMABLE_FIELDS = ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
                     "progress", "figure_examples", "eval_batch_size", "data_dir", "steps")
+# Fields added after runs were stored: a stored config without one means this value.
+ADDED_FIELDS = {"init_from": ""}
 LOCK_NAME = "lock.json"
 
 
@@ -152,10 +154,12 @@ def config_to_dict(config) -> dict:
 
 
 def config_differences(stored: dict, current: dict) -> list[str]:
-  """The dotted fields (outside :data:`RESUMABLE_FIELDS`) whose values differ."""
+  """The dotted fields (outside :data:`RESUMABLE_FIELDS`) whose values differ
+  (a field of :data:`ADDED_FIELDS` absent on one side counts as its default)."""
   stored, current = flatten_config(stored), flatten_config(current)
+  value = lambda tree, k: tree.get(k, ADDED_FIELDS.get(k))  # noqa: E731
   return sorted(k for k in set(stored) | set(current)
-                if k.split(".")[0] not in RESUMABLE_FIELDS and stored.get(k) != current.get(k))
+                if k.split(".")[0] not in RESUMABLE_FIELDS and value(stored, k) != value(current, k))
 
 
 def check_config_matches(workdir: str, config: dict) -> None:

@@ -297,6 +297,44 @@ def test_rerunning_a_finished_run_reports_the_stored_result_and_changes_nothing(
   assert_same_params(params_of(first), params_of(again))
 
 
+def test_init_from_starts_at_step_zero_from_another_runs_model(tmp_path):
+  source = loop.train_and_evaluate(tiny_config(steps=4), tasks.build_task(tiny_config()),
+                                   str(tmp_path / "source"))
+  fresh = tiny_config(steps=2, init_from=str(tmp_path / "source"))
+  # Zero learning rate: the new run's model is exactly the source's, the step starts at 0.
+  fresh.optimizer.learning_rate = 0.0
+  started = loop.train_and_evaluate(fresh, tasks.build_task(fresh), str(tmp_path / "fresh"))
+  assert int(started["state"].step) == 2
+  assert_same_params(params_of(source), params_of(started))
+  scratch = tiny_config(steps=2)
+  scratch.optimizer.learning_rate = 0.0
+  unstarted = loop.train_and_evaluate(scratch, tasks.build_task(scratch), str(tmp_path / "s"))
+  assert not all(np.array_equal(a, b) for a, b in zip(params_of(source), params_of(unstarted)))
+  # A stored config from before the field existed still matches a run that leaves it empty.
+  stored = workdir.config_to_dict(scratch)
+  del stored["init_from"]
+  assert workdir.config_differences(stored, workdir.config_to_dict(scratch)) == []
+  assert workdir.config_differences(stored, workdir.config_to_dict(fresh)) == ["init_from"]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "holds no checkpoints directory"),
+    ("itself", "this run's own work directory"),
+    ("other_model", "does not fit this run's model"),
+])
+def test_init_from_refuses_what_it_cannot_start_from(tmp_path, case, message):
+  other = tmp_path / "other"
+  if case == "other_model":
+    config = tiny_config("st_fcn_tps_r", steps=2)
+    loop.train_and_evaluate(config, tasks.build_task(config), str(other))
+  source = {"missing": tmp_path / "nothing", "itself": tmp_path / "run", "other_model": other}
+  config = tiny_config(steps=2, init_from=str(source[case]))
+  if case == "itself":
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+  with pytest.raises(ValueError, match=message):
+    loop.train_and_evaluate(config, tasks.build_task(config), str(tmp_path / "run"))
+
+
 def test_sigterm_stops_with_a_checkpoint_and_the_resumed_run_is_exact(tmp_path):
   """Preemption: SIGTERM mid-run checkpoints the step it stopped at; resuming continues exactly.
   The checkpoint records the sampler; resuming under another one warns."""

@@ -39,6 +39,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.progress = True
   c.figure_examples = 8
   c.data_dir = None         # None: $TFDS_DATA_DIR, else ../shared/data/tfds when present
+  c.init_from = ""          # a work directory: start from its newest checkpoint's model (step 0)
   return c
 
 
