@@ -252,13 +252,26 @@ def encode(weights: dict, x: jax.Array) -> jax.Array:
 
 
 def pretrain_encoder(digits: np.ndarray, labels: np.ndarray, *, steps: int = ENCODER_STEPS,
-                     batch: int = 128, seed: int = 0, learning_rate: float = 1e-3) -> dict:
-  """Trains :func:`encode` plus a linear head to classify plain digits (Adam); its weights.
+                     batch: int = 128, seed: int = 0, learning_rate: float = 1e-3,
+                     num_clutter: int = 0) -> dict:
+  """Trains :func:`encode` plus a linear head to classify digits (Adam); its weights.
 
-  A pure function of its arguments (the batches are drawn from ``seed``).
+  ``num_clutter > 0`` adds that many random 6x6 crops of other digits of the
+  batch to each 28x28 training digit (:func:`stn_jax.distortions.clutter`,
+  the cluttered canvases' clutter), so that the embedding learns to ignore
+  clutter inside a crop. A pure function of its arguments (the batches and the
+  clutter are drawn from ``seed``).
   """
+  if isinstance(num_clutter, bool) or not isinstance(num_clutter, int) or num_clutter < 0:
+    raise ValueError(f"num_clutter must be an integer >= 0; got {num_clutter!r}.")
   weights = init_encoder(jax.random.key(seed))
   optimizer = optax.adam(learning_rate)
+  clutter_key = jax.random.fold_in(jax.random.key(seed), 1)
+
+  @jax.jit
+  def with_clutter(x, i):
+    return jnp.clip(distortions.clutter(jax.random.fold_in(clutter_key, i), x, x,
+                                        num_clutter), 0.0, 1.0)
 
   @jax.jit
   def step(weights, opt_state, x, y):
@@ -271,10 +284,12 @@ def pretrain_encoder(digits: np.ndarray, labels: np.ndarray, *, steps: int = ENC
 
   opt_state = optimizer.init(weights)
   rng = np.random.default_rng(seed)
-  for _ in range(steps):
+  for i in range(steps):
     idx = rng.integers(0, len(digits), batch)
-    weights, opt_state = step(weights, opt_state, distortions.to_float(digits[idx]),
-                              jnp.asarray(labels[idx]))
+    x = distortions.to_float(digits[idx])
+    if num_clutter:
+      x = with_clutter(x, i)
+    weights, opt_state = step(weights, opt_state, x, jnp.asarray(labels[idx]))
   return weights
 
 

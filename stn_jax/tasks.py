@@ -277,7 +277,8 @@ def colocalisation(config) -> Task:
   @functools.cache
   def encoder_weights():  # Once per task: a restored model takes its weights from the checkpoint.
     return coloc.pretrain_encoder(train_images, train_labels, steps=config.encoder_steps,
-                                  seed=config.seed)
+                                  seed=config.seed,
+                                  num_clutter=config.get("encoder_clutter", 0))
 
   def make_model(rngs):
     return coloc.CoLocaliser(encoder_weights(), initial_scale=config.initial_scale,

@@ -50,7 +50,7 @@ fsspec.config.conf.setdefault("gcs", {}).setdefault("use_listings_cache", False)
 RESUMABLE_FIELDS = ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
                     "progress", "figure_examples", "eval_batch_size", "data_dir", "steps")
 # Fields added after runs were stored: a stored config without one means this value.
-ADDED_FIELDS = {"init_from": ""}
+ADDED_FIELDS = {"init_from": "", "encoder_clutter": 0}
 LOCK_NAME = "lock.json"
 
 

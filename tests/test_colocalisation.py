@@ -250,6 +250,21 @@ def test_pretrained_encoder_is_deterministic_and_learns():
   assert any(not np.allclose(a[k], start[k]) for k in a)
 
 
+def test_encoder_pretrained_with_clutter_is_deterministic_and_differs():
+  digits, labels = digits_and_labels(64)
+  kwargs = dict(steps=3, batch=8, seed=1, learning_rate=1e-2)
+  plain = co.pretrain_encoder(digits, labels, **kwargs)
+  a = co.pretrain_encoder(digits, labels, num_clutter=2, **kwargs)
+  b = co.pretrain_encoder(digits, labels, num_clutter=2, **kwargs)
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k])
+    assert np.all(np.isfinite(a[k]))
+  assert any(not np.allclose(a[k], plain[k]) for k in a)   # the clutter reached the training
+  for bad in (-1, 1.5, True):
+    with pytest.raises(ValueError, match="num_clutter must be an integer >= 0"):
+      co.pretrain_encoder(digits, labels, num_clutter=bad, **kwargs)
+
+
 def test_evaluation_sums_to_per_class_percentages():
   ev = co.evaluation()
   params = jnp.asarray([[1 / 3, 0.0, 0.0]] * 4)   # Every predicted box: (28, 28, 56, 56).

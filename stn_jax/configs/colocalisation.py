@@ -38,6 +38,7 @@ def get_config(name: str = "translated"):
   c.inside_canvas = True       # bound the box to the canvas (colocalisation.box_inside_canvas)
   c.normalize_embeddings = False  # unit-length embeddings: the margin on the distances' scale
   c.encoder_steps = 500        # MNIST classification steps of the frozen encoder
+  c.encoder_clutter = 0        # 6x6 clutter crops on each of the encoder's training digits
   c.test_examples = 2000
   c.batch_size = 64
   c.eval_batch_size = 500
