@@ -366,7 +366,7 @@ class _Run:
       found.close()
     if restored is None:
       raise ValueError(f"config.init_from: {source} holds no checkpoint.")
-    shapes = lambda tree: [(jax.tree_util.keystr(k), np.shape(x), np.result_type(x))  # noqa: E731
+    shapes = lambda tree: [(jax.tree_util.keystr(k), np.shape(x), np.asarray(x).dtype)  # noqa: E731
                            for k, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
     there, here = shapes(restored.params), shapes(self.initial.params)
     differ = [f"parameter {a[0]} has shape {a[1]} {a[2]} there, {b[1]} {b[2]} here"
