@@ -1,24 +1,32 @@
-"""A drop-in for ``lax.conv_general_dilated`` with faster gradients for few input channels on CPU.
+"""A drop-in for ``lax.conv_general_dilated`` with faster CPU convolutions for the paper's networks.
 
-XLA's CPU convolution computes the weight gradient of a convolution whose
-input has one channel (the first layer of every MNIST network, localisation
-nets included) 2-7x slower than a matrix product over explicit patches
-(``[B*Ho*Wo, kh*kw*C]^T @ [B*Ho*Wo, O]``), and the input gradient 2x slower.
-:func:`conv_general_dilated` keeps XLA's convolution for the forward pass and
-computes both gradients from patches (a custom JVP whose tangent is a product
-over patches; reverse mode transposes it), but only where that wins: on CPU
-(chosen at lowering time with ``lax.platform_dependent``, so GPU and TPU run
-plain ``lax.conv_general_dilated``), for stride-1, undilated, ungrouped
-``NHWC``/``HWIO`` convolutions whose input has at most
-:data:`MAX_PATCH_CHANNELS` channels. Everything else goes to
-``lax.conv_general_dilated`` unchanged. Values are those of
-``lax.conv_general_dilated``; gradients agree to float rounding (tested).
+XLA 0.10's CPU backend runs every convolution of these models in YNNPACK on
+one thread, and computes the weight gradient of a convolution whose input
+has one channel (the first layer of every MNIST network) 2-7x slower than a
+matrix product over explicit patches. :func:`conv_general_dilated` takes, on
+CPU (chosen at lowering time with ``lax.platform_dependent``, so GPU and TPU
+run plain ``lax.conv_general_dilated``), for stride-1, undilated, ungrouped
+``NHWC``/``HWIO`` convolutions with padding 'VALID', 'SAME' or explicit pairs
+(each at most the kernel size less one):
+
+1. float32: the compiled kernels of :mod:`stn_jax._native`
+   (``native/convolution.cc``: multi-threaded direct convolution and kernel
+   gradient; input gradients of inputs with few channels as products over
+   patches), unless they are not built or ``STN_JAX_NATIVE_CONV=0``;
+2. otherwise, inputs with at most :data:`MAX_PATCH_CHANNELS` channels: XLA's
+   convolution forward and both gradients as products over patches (a
+   custom JVP);
+3. everything else: ``lax.conv_general_dilated`` unchanged.
+
+Values are those of ``lax.conv_general_dilated`` (path 1: to float32 rounding,
+the sums run in another order; path 2: exactly); gradients agree to float
+rounding (tested), to every order.
 
 Use it as ``nnx.Conv(..., conv_general_dilated=conv_general_dilated)``. The
 one switch: :func:`stn_jax.modules.conv_layer`, which makes every convolution
 of :mod:`stn_jax.modules` and :mod:`stn_jax.models`, takes
-``patch_gradients`` (default :func:`patch_gradients_default`: on, unless
-``STN_JAX_PATCH_GRADIENTS=0``); off, a layer is a plain ``nnx.Conv``.
+``cpu_convolution`` (default :func:`cpu_convolution_default`: on, unless
+``STN_JAX_CPU_CONVOLUTION=0``); off, a layer is a plain ``nnx.Conv``.
 """
 
 from __future__ import annotations
@@ -31,14 +39,21 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from stn_jax import _native
+
 # Inputs with more channels than this keep XLA's convolution gradients (faster there).
 MAX_PATCH_CHANNELS = 4
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
-def patch_gradients_default() -> bool:
-  """Whether layers use :func:`conv_general_dilated` unless told otherwise (``STN_JAX_PATCH_GRADIENTS``)."""
-  return os.environ.get("STN_JAX_PATCH_GRADIENTS", "1") != "0"
+def native_convolution_default() -> bool:
+  """Whether float32 convolutions on CPU run the compiled kernels where built (``STN_JAX_NATIVE_CONV``, default on)."""
+  return os.environ.get("STN_JAX_NATIVE_CONV", "1") != "0"
+
+
+def cpu_convolution_default() -> bool:
+  """Whether layers use :func:`conv_general_dilated` unless told otherwise (``STN_JAX_CPU_CONVOLUTION``)."""
+  return os.environ.get("STN_JAX_CPU_CONVOLUTION", "1") != "0"
 
 
 def patches(x: jax.Array, kernel_hw: tuple[int, int]) -> jax.Array:
@@ -97,13 +112,15 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
                          dimension_numbers=None, feature_group_count: int = 1,
                          batch_group_count: int = 1, precision=None,
                          preferred_element_type=None, **kwargs) -> jax.Array:
-  """``lax.conv_general_dilated`` with patch-based gradients for few input channels on CPU.
+  """``lax.conv_general_dilated`` with the library's CPU convolutions where they apply.
 
-  Same arguments and values as ``lax.conv_general_dilated``. The patch path
-  applies to ``lhs`` ``[B, H, W, C]`` with ``C <= MAX_PATCH_CHANNELS`` and
-  ``rhs`` ``[kh, kw, C, O]``, stride 1, no dilation, no grouping, padding
-  'VALID', 'SAME' or explicit pairs, default precision. Differentiable with
-  respect to both arguments, in forward and reverse mode, to any order.
+  Same arguments and values as ``lax.conv_general_dilated``. The CPU paths
+  (module docstring: compiled kernels for float32, else patch gradients for
+  ``C <= MAX_PATCH_CHANNELS``) apply to ``lhs`` ``[B, H, W, C]`` and ``rhs``
+  ``[kh, kw, C, O]`` of one dtype, stride 1, no dilation, no grouping, padding
+  'VALID', 'SAME' or explicit non-negative pairs, default precision.
+  Differentiable with respect to both arguments, in forward and reverse mode,
+  to any order.
   """
   def through_lax(lhs, rhs):
     return lax.conv_general_dilated(
@@ -125,13 +142,20 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
       and feature_group_count == 1 and batch_group_count == 1
       and precision is None and preferred_element_type is None and not kwargs.get("out_sharding")
       and pads is not None and all(p >= 0 for pair in pads for p in pair)
-      and lhs.shape[-1] == rhs.shape[2] <= MAX_PATCH_CHANNELS
+      and lhs.shape[-1] == rhs.shape[2]
       and lhs.dtype == rhs.dtype)
   if not eligible:
     return through_lax(lhs, rhs)
 
-  def through_patches(lhs, rhs):
-    padded = jnp.pad(lhs, [(0, 0), *pads, (0, 0)])
-    return _valid_conv_patch_gradients(padded, rhs)
-
-  return lax.platform_dependent(lhs, rhs, cpu=through_patches, default=through_lax)
+  if (lhs.dtype == jnp.float32 and native_convolution_default()
+      and all(p < k for pair, k in zip(pads, kernel_hw) for p in pair)
+      and _native.available()):
+    def on_cpu(lhs, rhs):
+      return _native.conv(lhs, rhs, pads)
+  elif lhs.shape[-1] <= MAX_PATCH_CHANNELS:
+    def on_cpu(lhs, rhs):
+      padded = jnp.pad(lhs, [(0, 0), *pads, (0, 0)])
+      return _valid_conv_patch_gradients(padded, rhs)
+  else:
+    return through_lax(lhs, rhs)
+  return lax.platform_dependent(lhs, rhs, cpu=on_cpu, default=through_lax)

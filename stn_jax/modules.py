@@ -42,19 +42,19 @@ def conv_output_hw(hw: tuple[int, int], kernel: int, padding: str, pool: bool) -
 
 
 def conv_layer(in_features: int, out_features: int, kernel: int, *, padding: str = "SAME",
-               patch_gradients: bool | None = None, rngs: nnx.Rngs) -> nnx.Conv:
+               cpu_convolution: bool | None = None, rngs: nnx.Rngs) -> nnx.Conv:
   """A stride-1 ``kernel x kernel`` ``nnx.Conv`` on ``[B, H, W, C]``. Every
   convolution of the library's modules and models is made here.
 
-  ``patch_gradients`` (default
-  :func:`stn_jax.convolution.patch_gradients_default`, on): use
-  :func:`stn_jax.convolution.conv_general_dilated` (same values; faster
-  gradients for few input channels on CPU, plain ``lax`` elsewhere); off: a
-  plain ``nnx.Conv``.
+  ``cpu_convolution`` (default
+  :func:`stn_jax.convolution.cpu_convolution_default`, on): use
+  :func:`stn_jax.convolution.conv_general_dilated` (same values; on CPU the
+  compiled multi-threaded kernels, or patch gradients for few input channels;
+  plain ``lax`` elsewhere); off: a plain ``nnx.Conv``.
   """
-  if patch_gradients is None:
-    patch_gradients = convolution.patch_gradients_default()
-  conv = convolution.conv_general_dilated if patch_gradients else jax.lax.conv_general_dilated
+  if cpu_convolution is None:
+    cpu_convolution = convolution.cpu_convolution_default()
+  conv = convolution.conv_general_dilated if cpu_convolution else jax.lax.conv_general_dilated
   return nnx.Conv(in_features, out_features, (kernel, kernel), padding=padding,
                   conv_general_dilated=conv, rngs=rngs)
 

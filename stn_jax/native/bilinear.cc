@@ -20,84 +20,25 @@
 //   [N, H, W, C] (the scatter of the weighted cotangent) and the grid gradient
 //   [N, Ho, Wo, 2], in one pass (reverse-mode AD).
 //
-// Parallelism: the batch is split into chunks run on XLA's intra-op thread
-// pool *and* the calling thread, which claim chunks from a shared counter. The
-// caller never waits for work that has not started: it runs every unclaimed
-// chunk itself and then waits only for chunks that other threads are running.
-// This matters because XLA runs the programs of several CPU devices (pmap,
-// forced host devices) on that same pool: a kernel that blocked until its
-// scheduled tasks ran would deadlock once every pool thread is such a kernel.
+// Parallelism: over the batch, with ParallelFor (native/parallel.h).
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
-#include <functional>
-#include <memory>
-#include <mutex>
 #include <type_traits>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
+using stn_jax_native::ParallelFor;
+
 struct Dims {
   int64_t n, h, w, c, ho, wo;
 };
-
-// Shared by the calling thread and the pool tasks of one ParallelFor; owned
-// jointly, so that a task the pool starts after the caller returned finds
-// nothing left to claim and exits without touching the caller's frame.
-struct ParallelState {
-  std::atomic<int64_t> next{0};      // the next unclaimed chunk
-  std::atomic<int64_t> finished{0};  // chunks completed
-  int64_t chunks = 0;
-  const std::function<void(int64_t)>* run_chunk = nullptr;  // valid while chunks remain
-  std::mutex mutex;
-  std::condition_variable done;
-};
-
-void RunChunks(ParallelState& s) {
-  for (int64_t k = s.next.fetch_add(1); k < s.chunks; k = s.next.fetch_add(1)) {
-    (*s.run_chunk)(k);
-    if (s.finished.fetch_add(1) + 1 == s.chunks) {
-      std::lock_guard<std::mutex> lock(s.mutex);
-      s.done.notify_all();
-    }
-  }
-}
-
-// Runs body(i) for i in [0, count) in contiguous chunks, on the calling thread
-// and on idle threads of XLA's intra-op pool; small jobs run inline. Safe when
-// every pool thread is busy (or is itself inside a ParallelFor): see the top.
-template <typename F>
-void ParallelFor(ffi::ThreadPool& pool, int64_t count, int64_t work_per_item, F&& body) {
-  const int64_t threads = std::max<int64_t>(0, pool.num_threads());
-  const int64_t by_work = std::max<int64_t>(1, count * work_per_item / (1 << 13));
-  // A few chunks per thread, so that the threads that are free take over the
-  // share of those that are busy with other work (with one chunk per thread, a
-  // pool of n threads plus the caller on n cores finishes in two rounds).
-  const int64_t chunks = std::min({count, 4 * (threads + 1), by_work});
-  if (chunks <= 1 || threads == 0) {
-    for (int64_t i = 0; i < count; ++i) body(i);
-    return;
-  }
-  const std::function<void(int64_t)> run_chunk = [&](int64_t k) {
-    for (int64_t i = k * count / chunks; i < (k + 1) * count / chunks; ++i) body(i);
-  };
-  auto state = std::make_shared<ParallelState>();
-  state->chunks = chunks;
-  state->run_chunk = &run_chunk;
-  for (int64_t t = 0; t < std::min(threads, chunks - 1); ++t) {
-    pool.Schedule([state] { RunChunks(*state); });
-  }
-  RunChunks(*state);
-  std::unique_lock<std::mutex> lock(state->mutex);
-  state->done.wait(lock, [&] { return state->finished.load() == chunks; });
-}
 
 // Pixel coordinate of a normalised one, and its derivative.
 inline float ToPixel(float x, int64_t size, bool align_corners) {
