@@ -1,4 +1,4 @@
-"""The ST-CNN's four convolution layers alone: stn_jax (XLA) against PyTorch (oneDNN) on CPU.
+"""The ST-CNN's four convolution layers alone: stn_jax (compiled kernels), XLA and PyTorch (oneDNN) on CPU.
 
   python -m experiments.benchmarks.conv_layers [--batch 256] [--repeats 15]
   taskset -c 0 python -m experiments.benchmarks.conv_layers   # one core
@@ -6,10 +6,11 @@
 Each layer of Table 1's ST-CNN (RTS: the localisation net's 5x5 1->20 on 42x42
 and 5x5 20->20 on 19x19, the classifier's 9x9 1->32 and 7x7 32->32 SAME on the
 21x21 pooled sample and its 10x10 map), as the models run it
-(:func:`stn_jax.convolution.conv_general_dilated`), forward and forward+backward
-(gradients to the input and the kernel), interleaved with PyTorch's ``conv2d``
-in one process; medians in ms and their ratio. Running it under ``taskset -c 0``
-and without shows which side uses the second core.
+(:func:`stn_jax.convolution.conv_general_dilated`: on CPU the compiled kernels of
+``stn_jax/native/convolution.cc``), XLA's own ``lax.conv_general_dilated``, and
+PyTorch's ``conv2d``, forward and forward+backward (gradients to the input and the
+kernel), interleaved in one process; medians in ms and the ratios to PyTorch.
+Running it under ``taskset -c 0`` and without shows which side uses the second core.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments.benchmarks.sampler import environment_line, time_interleaved  # noqa: E402
+from jax import lax  # noqa: E402
+
 from stn_jax import convolution, host_memory  # noqa: E402
 
 # name: (input height = width, in channels, out channels, kernel, padding)
@@ -47,7 +50,8 @@ def main(argv=None):
   import torch
   rng = np.random.default_rng(0)
   print(environment_line(), f"\nbatch {args.batch}, {len(os.sched_getaffinity(0))} usable cores\n")
-  print("| layer | pass | stn_jax ms | torch ms | stn_jax / torch |\n|---|---|---|---|---|")
+  print("| layer | pass | stn_jax ms | XLA ms | torch ms | stn_jax / torch | XLA / torch |\n"
+        "|---|---|---|---|---|---|---|")
   for name, (hw, c_in, c_out, k, padding) in LAYERS.items():
     x = rng.standard_normal((args.batch, hw, hw, c_in)).astype(np.float32)
     kernel = (rng.standard_normal((k, k, c_in, c_out)) * 0.1).astype(np.float32)
@@ -57,9 +61,14 @@ def main(argv=None):
     def conv(x, kernel):
       return convolution.conv_general_dilated(x, kernel, (1, 1), padding,
                                               dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    def xla_conv(x, kernel):
+      return lax.conv_general_dilated(x, kernel, (1, 1), padding,
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
     jx, jk, jc = map(jnp.asarray, (x, kernel, cotangent))
-    forward = jax.jit(conv)
+    forward, xla_forward = jax.jit(conv), jax.jit(xla_conv)
     forward_backward = jax.jit(lambda x, k, c: jax.vjp(conv, x, k)[1](c))
+    xla_forward_backward = jax.jit(lambda x, k, c: jax.vjp(xla_conv, x, k)[1](c))
     tx = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().requires_grad_(True)
     tk = torch.from_numpy(kernel).permute(3, 2, 0, 1).contiguous().requires_grad_(True)
     tc = torch.from_numpy(cotangent).permute(0, 3, 1, 2).contiguous()
@@ -75,10 +84,12 @@ def main(argv=None):
     ms = time_interleaved({
         "jf": lambda: jax.block_until_ready(forward(jx, jk)),
         "jfb": lambda: jax.block_until_ready(forward_backward(jx, jk, jc)),
+        "xf": lambda: jax.block_until_ready(xla_forward(jx, jk)),
+        "xfb": lambda: jax.block_until_ready(xla_forward_backward(jx, jk, jc)),
         "tf": torch_forward, "tfb": torch_forward_backward}, args.repeats)
-    for label, ours, theirs in (("fwd", "jf", "tf"), ("fwd+bwd", "jfb", "tfb")):
-      print(f"| {name} | {label} | {ms[ours]:.2f} | {ms[theirs]:.2f} | "
-            f"{ms[ours] / ms[theirs]:.2f} |", flush=True)
+    for label, ours, xla, theirs in (("fwd", "jf", "xf", "tf"), ("fwd+bwd", "jfb", "xfb", "tfb")):
+      print(f"| {name} | {label} | {ms[ours]:.2f} | {ms[xla]:.2f} | {ms[theirs]:.2f} | "
+            f"{ms[ours] / ms[theirs]:.2f} | {ms[xla] / ms[theirs]:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
