@@ -108,9 +108,10 @@ def main(argv=None):
       environment_line(), "",
       f"Training step of {args.config} ({count:,} parameters), batch {args.batch}, "
       f"{args.steps} profiled steps; all ops together: {total:.1f} ms per step summed over "
-      "threads. Ops XLA runs asynchronously in Eigen's pool (plain `convolution` ops outside "
-      "YNNPACK fusions, here the localisation net's input gradient) show only their launch, "
-      "so their time is missing. Top ops:", "",
+      "threads. A compiled kernel (`custom-call`) counts its wall time on the thread that "
+      "calls it, which runs chunks itself and waits for those of the pool's other threads "
+      "(not added again); ops XLA runs asynchronously in Eigen's pool (plain `convolution` "
+      "ops outside YNNPACK fusions) would show only their launch. Top ops:", "",
       "| ms / step | % | op | result | runs in | from (JAX) |", "|---|---|---|---|---|---|",
       *rows])
   write_report(table, args.out)
