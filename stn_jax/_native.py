@@ -433,6 +433,12 @@ batching.primitive_batchers[_conv_p] = _conv_batch
 batching.primitive_batchers[_kernel_gradient_p] = _kernel_gradient_batch
 
 
+def conv_padding_fits(padding, kernel_hw) -> bool:
+  """Whether ``padding`` is ``((top, bottom), (left, right))``, each in ``[0, kernel size - 1]``."""
+  return (len(padding) == 2 and all(len(pair) == 2 for pair in padding)
+          and all(0 <= p < k for pair, k in zip(padding, kernel_hw) for p in pair))
+
+
 def conv(x: jax.Array, kernel: jax.Array,
          padding: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0))) -> jax.Array:
   """Stride-1 convolution of float32 ``x [N, H, W, C]``, zero-padded, with ``kernel [KH, KW, C, O]``.
@@ -448,8 +454,7 @@ def conv(x: jax.Array, kernel: jax.Array,
   """
   padding = tuple(tuple(int(p) for p in pair) for pair in padding)
   kernel_hw = kernel.shape[:2]
-  if len(padding) != 2 or any(len(pair) != 2 for pair in padding) or not all(
-      0 <= p < k for pair, k in zip(padding, kernel_hw) for p in pair):
+  if not conv_padding_fits(padding, kernel_hw):
     raise ValueError(f"padding must be ((top, bottom), (left, right)) between 0 and the kernel "
                      f"size less one, {tuple(k - 1 for k in kernel_hw)}; got {padding}")
   return _conv_p.bind(x, kernel, padding=padding)

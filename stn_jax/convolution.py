@@ -150,7 +150,7 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
   # The kernels are built only in a CPU process (as the sampler's: stn_jax.sampling), so a
   # GPU or TPU process needs no C++ compiler.
   if (lhs.dtype == jnp.float32 and native_convolution_default()
-      and all(p < k for pair, k in zip(pads, kernel_hw) for p in pair)
+      and _native.conv_padding_fits(pads, kernel_hw)
       and jax.default_backend() == "cpu" and _native.available()):
     def on_cpu(lhs, rhs):
       return _native.conv(lhs, rhs, pads)
